@@ -1,0 +1,36 @@
+"""surge_nlp: SURGE binarization (1-bit weights and activations) for BERT-family models.
+
+Example:
+    >>> import surge_nlp
+    >>> from transformers import AutoModelForSequenceClassification
+    >>> model = AutoModelForSequenceClassification.from_pretrained(  # doctest: +SKIP
+    ...     "bert-base-uncased", quantization_config=surge_nlp.SurgeConfig(estimator="surge"))
+    >>> surge_nlp.summary(model)  # doctest: +SKIP
+"""
+
+from .attention import AttentionQuantizers
+from .binarize import binarize
+from .compensator import GradientCompensator
+from .config import SurgeConfig
+from .integration import set_training_progress, surge_linears
+from .layers import SurgeEmbedding, SurgeLinear
+from .quantizer import SurgeHfQuantizer, register
+from .summary import summary
+
+register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionQuantizers",
+    "GradientCompensator",
+    "SurgeConfig",
+    "SurgeEmbedding",
+    "SurgeHfQuantizer",
+    "SurgeLinear",
+    "binarize",
+    "register",
+    "set_training_progress",
+    "summary",
+    "surge_linears",
+]

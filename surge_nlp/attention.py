@@ -1,0 +1,76 @@
+"""Binarized self-attention (BiT): quantized Q, K, V and attention probabilities.
+
+Registered with Transformers' attention interface as "surge", so BERT, RoBERTa, DistilBERT and
+other encoders that dispatch through `ALL_ATTENTION_FUNCTIONS` run it without patching their
+code. Each self-attention module owns an `AttentionQuantizers` submodule (`surge_attention`)
+with learnable scales/shifts: Q, K, V signed (`alpha * sign(x - beta)` at 1 bit), the post-softmax
+probabilities unsigned (`alpha * round(clip((p - beta)/alpha, 0, 1))`), so that both matmuls
+Q.K^T and P.V take quantized operands on both sides.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from .binarizers import ActivationQuantizer
+from .surrogates import make_surrogate
+
+ATTENTION_IMPLEMENTATION = "surge"
+
+
+class AttentionQuantizers(nn.Module):
+    """The four activation quantizers of one self-attention module (shapes: batch, heads, tokens, dim)."""
+
+    def __init__(self, num_heads: int, head_dim: int, bits: int, estimator: str) -> None:
+        super().__init__()
+        per_channel = (num_heads, 1, head_dim)
+        self.query = ActivationQuantizer(bits, signed=True, surrogate=make_surrogate(estimator), shift_shape=per_channel)
+        self.key = ActivationQuantizer(bits, signed=True, surrogate=make_surrogate(estimator), shift_shape=per_channel)
+        self.value = ActivationQuantizer(bits, signed=True, surrogate=make_surrogate(estimator), shift_shape=per_channel)
+        self.probs = ActivationQuantizer(bits, signed=False, surrogate=make_surrogate(estimator), shift_shape=(1,))
+
+    def reset_parameters(self) -> None:
+        for quantizer in (self.query, self.key, self.value, self.probs):
+            quantizer.reset_parameters()
+
+
+def surge_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention on quantized operands; same signature and outputs as Transformers' eager attention."""
+    quantizers: AttentionQuantizers | None = getattr(module, "surge_attention", None)
+    if quantizers is None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs the 'surge' attention implementation but has no `surge_attention` "
+            "quantizers; load the model through surge_nlp (SurgeConfig) or call surge_nlp.binarize(model, config)"
+        )
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    query, key, value = quantizers.query(query), quantizers.key(key), quantizers.value(value)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    probs = quantizers.probs(probs)
+    if attention_mask is not None:
+        # A learned negative shift would lift masked (zero) probabilities to alpha: keep padding out.
+        probs = probs.masked_fill(attention_mask <= torch.finfo(attention_mask.dtype).min / 2, 0.0)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, probs
+
+
+def register_attention() -> None:
+    """Make "surge" a valid `attn_implementation` (idempotent: re-registering overwrites the same entry)."""
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, surge_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, eager_mask)

@@ -1,0 +1,124 @@
+"""Forward binarizers: what the network computes with.
+
+- `binarize_weight`: `alpha * sign(W - mean_row(W))`, alpha = per-output-channel mean |W - mean_row(W)|
+  (BiBERT/BiT). Its backward is the plain STE: the estimator choice shapes activation gradients,
+  where the surrogate's clipping matters; the weights are small and centred, so every estimator
+  would pass their gradient through unchanged anyway.
+- `ActivationQuantizer`: BiT's elastic quantizer with a learnable scale alpha (LSQ gradient) and a
+  learnable shift beta. 1-bit signed: `alpha * sign((x - beta) / alpha)` with the estimator's
+  surrogate; otherwise `alpha * round(clip((x - beta) / alpha, -Qn, Qp))` with a straight-through
+  round (unsigned 1-bit: levels {0, alpha}).
+
+Example:
+    >>> import torch
+    >>> from surge_nlp.binarizers import ActivationQuantizer, binarize_weight
+    >>> from surge_nlp.surrogates import ClippedSTE
+    >>> binarize_weight(torch.tensor([[1.0, 3.0]])).tolist()
+    [[-1.0, 1.0]]
+    >>> q = ActivationQuantizer(bits=1, signed=True, surrogate=ClippedSTE(), shift_shape=(2,))
+    >>> q(torch.tensor([[0.5, -2.0]])).abs().unique().numel()  # one magnitude: alpha
+    1
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .surrogates import STE, Surrogate
+
+_WEIGHT_STE = STE()
+
+
+def binarize_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`alpha * sign(W - mean_row(W))` with one alpha per output row (dim 0); STE backward."""
+    centered = weight - weight.mean(dim=-1, keepdim=True)
+    alpha = centered.abs().mean(dim=-1, keepdim=True)
+    return alpha * _WEIGHT_STE.sign(centered)
+
+
+def weight_signs_and_scales(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deployable parts of `binarize_weight`: bool signs (True = +1) and per-row scales."""
+    centered = weight - weight.mean(dim=-1, keepdim=True)
+    return centered >= 0, centered.abs().mean(dim=-1)
+
+
+def _scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    # Same value as x; gradient multiplied by `scale` (LSQ's step-size gradient scaling).
+    return (x - x * scale).detach() + x * scale
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+class ActivationQuantizer(nn.Module):
+    """Elastic activation quantizer with learnable scale `alpha` and shift `beta` (BiT).
+
+    Args:
+        bits: 1, 2, 4 or 8.
+        signed: signed levels (`-Qn..Qp`) or unsigned (`0..Qp`, for post-softmax probabilities).
+        surrogate: backward of the 1-bit signed sign(); other settings use a straight-through round.
+        shift_shape: shape of `beta`, broadcast against the input's trailing dims (per channel).
+
+    `alpha` is initialised from the first batch it sees (`2 * mean|x| / sqrt(Qp)` signed,
+    `4 * mean|x| / sqrt(Qp)` unsigned), averaged over processes when torch.distributed is running
+    so that every replica starts from the same value; the `initialized` buffer records it.
+    """
+
+    def __init__(self, bits: int, signed: bool, surrogate: Surrogate, shift_shape: tuple[int, ...] = (1,)) -> None:
+        super().__init__()
+        if bits not in (1, 2, 4, 8):
+            raise ValueError(f"ActivationQuantizer bits={bits!r} is invalid; allowed values: 1, 2, 4, 8")
+        self.bits = bits
+        self.signed = signed
+        self.surrogate = surrogate
+        if signed:
+            self.q_neg, self.q_pos = (1, 1) if bits == 1 else (2 ** (bits - 1), 2 ** (bits - 1) - 1)
+        else:
+            self.q_neg, self.q_pos = 0, 2**bits - 1
+        self.alpha = nn.Parameter(torch.ones(1))
+        self.beta = nn.Parameter(torch.zeros(shift_shape))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def precision(self) -> int:
+        return self.bits
+
+    @property
+    def is_binary(self) -> bool:
+        """True when the output takes two values (1 bit, signed or unsigned)."""
+        return self.bits == 1
+
+    def reset_parameters(self) -> None:
+        """Back to the un-calibrated state: alpha re-initialised from the next batch, beta = 0."""
+        with torch.no_grad():
+            self.alpha.fill_(1.0)
+            self.beta.zero_()
+            self.initialized.fill_(False)
+
+    @torch.no_grad()
+    def _calibrate(self, x: torch.Tensor) -> None:
+        factor = 2.0 if self.signed else 4.0
+        alpha = (factor * (x - self.beta).abs().mean() / math.sqrt(self.q_pos)).clamp_min(1e-5).reshape(1)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(alpha)
+            alpha /= dist.get_world_size()
+        self.alpha.copy_(alpha.to(self.alpha.dtype))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            self._calibrate(x)
+        alpha = _scale_gradient(self.alpha, 1.0 / math.sqrt(x.numel() * self.q_pos)).to(x.dtype)
+        u = (x - self.beta.to(x.dtype)) / alpha
+        if self.signed and self.bits == 1:
+            return alpha * self.surrogate.sign(u)
+        return alpha * _round_ste(u.clamp(-self.q_neg, self.q_pos))
+
+    def extra_repr(self) -> str:
+        kind = "signed" if self.signed else "unsigned"
+        return f"bits={self.bits}, {kind}, surrogate={self.surrogate!r}, shift_shape={tuple(self.beta.shape)}"

@@ -1,0 +1,113 @@
+"""The SURGE compensator: Dual-Path Gradient Compensator (DPGC) + Adaptive Gradient Scaler (AGS).
+
+A binarized layer forks its input x into (x_b, x_a). The binary branch consumes x_b; the auxiliary
+full-precision branch `f_a(x_a) = W_a x_a` contributes nothing to the forward value
+(`y = f_b(x_b) + f_a(x_a) - stopgrad(f_a(x_a))`) but sends the exact full-precision gradient
+`g_a = W_a^T g_y` back to the fork, which returns `g_x = g_b + lambda * g_a`:
+
+- "dpgc": `lambda = eta` (fixed);
+- "surge": `lambda = eta * ||g_b||_2 / (||g_a||_2 + 1e-8)` over the whole input-gradient tensor,
+  one lambda per layer per step (AGS).
+
+The auxiliary branch is an autograd function whose forward returns the binary output unchanged
+(bit-exact, and no extra matmul) and whose backward computes `g_a` and `W_a`'s gradient.
+
+Example:
+    >>> import torch
+    >>> from surge_nlp.compensator import GradientCompensator
+    >>> comp = GradientCompensator(mode="surge", eta=0.5)
+    >>> x = torch.ones(2, 3, requires_grad=True)
+    >>> w_a = torch.nn.Parameter(torch.eye(3))
+    >>> x_b, x_a = comp.fork(x)
+    >>> y = comp.attach_auxiliary_branch(2 * x_b, x_a, w_a)  # value: the binary branch, 2 * x
+    >>> y.sum().backward()
+    >>> round(comp.last_lambda, 6)  # eta * ||2|| / ||1||
+    1.0
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+AGS_EPS = 1e-8
+MODES = ("dpgc", "surge")
+
+
+class _DualPathFork(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, compensator: "GradientCompensator"):
+        ctx.compensator = compensator
+        return x.view_as(x), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_binary: torch.Tensor | None, grad_auxiliary: torch.Tensor | None):
+        return ctx.compensator.combine(grad_binary, grad_auxiliary), None
+
+
+class _AuxiliaryBranch(torch.autograd.Function):
+    """Forward: returns the binary output y_b as is. Backward: g_y flows to y_b unchanged, and the
+    auxiliary branch's gradients `g_a = g_y W_a` (to x_a) and `g_y^T x_a` (to W_a) are added."""
+
+    @staticmethod
+    def forward(ctx, y_binary: torch.Tensor, x_auxiliary: torch.Tensor, aux_weight: torch.Tensor):
+        ctx.save_for_backward(x_auxiliary, aux_weight)
+        return y_binary.view_as(y_binary)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x_auxiliary, aux_weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_x = grad_y @ aux_weight.to(grad_y.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_auxiliary.reshape(-1, x_auxiliary.shape[-1]))
+            grad_w = grad_w.to(aux_weight.dtype)
+        return grad_y, grad_x, grad_w
+
+
+class GradientCompensator(nn.Module):
+    """DPGC fork and gradient combination for one layer; `last_lambda` is the latest lambda used."""
+
+    def __init__(self, mode: str, eta: float) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"GradientCompensator mode={mode!r} is invalid; allowed values: {', '.join(map(repr, MODES))}")
+        if not eta > 0:
+            raise ValueError(f"GradientCompensator eta={eta!r} is invalid; allowed values: a number > 0")
+        self.mode = mode
+        self.eta = float(eta)
+        self._last_lambda: torch.Tensor | None = None
+
+    @property
+    def last_lambda(self) -> float | None:
+        """lambda of the most recent backward pass (None before any); a host sync, for monitoring."""
+        return None if self._last_lambda is None else float(self._last_lambda)
+
+    def fork(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_b, x_a): two handles on x whose gradients meet again in `combine`."""
+        return _DualPathFork.apply(x, self)
+
+    def attach_auxiliary_branch(self, y_binary: torch.Tensor, x_auxiliary: torch.Tensor, aux_weight: torch.Tensor) -> torch.Tensor:
+        """`y_b + f_a(x_a) - stopgrad(f_a(x_a))` with `f_a(x) = x @ aux_weight.T`, computed exactly as `y_b`."""
+        return _AuxiliaryBranch.apply(y_binary, x_auxiliary, aux_weight)
+
+    def scale(self, grad_binary: torch.Tensor, grad_auxiliary: torch.Tensor) -> torch.Tensor:
+        """lambda for this step, as a 0-dim tensor (fixed eta for DPGC, AGS for SURGE)."""
+        if self.mode == "dpgc":
+            return torch.tensor(self.eta, device=grad_binary.device)
+        norm_b = torch.linalg.vector_norm(grad_binary.float())
+        norm_a = torch.linalg.vector_norm(grad_auxiliary.float())
+        return self.eta * norm_b / (norm_a + AGS_EPS)
+
+    def combine(self, grad_binary: torch.Tensor | None, grad_auxiliary: torch.Tensor | None) -> torch.Tensor | None:
+        if grad_auxiliary is None:
+            return grad_binary
+        if grad_binary is None:
+            grad_binary = torch.zeros_like(grad_auxiliary)
+        lam = self.scale(grad_binary, grad_auxiliary).detach()
+        self._last_lambda = lam
+        return grad_binary + lam.to(grad_binary.dtype) * grad_auxiliary
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, eta={self.eta}"

@@ -1,0 +1,130 @@
+"""`SurgeConfig`: the quantization config users pass to `from_pretrained`.
+
+Configuration is data: a dataclass validated at construction, JSON-safe through `to_dict()`, and
+stored by Transformers in `config.json` under `quantization_config` (`quant_method: "surge"`).
+
+Example:
+    >>> from surge_nlp import SurgeConfig
+    >>> cfg = SurgeConfig(activation_bits=1, estimator="surge", eta=0.5)
+    >>> SurgeConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "surge"
+
+WEIGHT_BITS = (1,)
+ACTIVATION_BITS = (1, 2, 4, 8, 32)
+EMBEDDING_BITS = (1, 32)
+# Surrogates of sign() used by the binary branch; see surge_nlp.surrogates.
+BASE_ESTIMATORS = ("ste", "clipped_ste", "approx_sign", "ede")
+# Estimators with a DPGC auxiliary full-precision branch; see surge_nlp.compensator.
+COMPENSATED_ESTIMATORS = ("dpgc", "surge")
+ESTIMATORS = BASE_ESTIMATORS + COMPENSATED_ESTIMATORS
+DEFAULT_MODULES_TO_NOT_CONVERT = ("pooler", "classifier", "pre_classifier")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    # bool is an int subclass: `weight_bits=True` must not pass as 1.
+    if isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"SurgeConfig.{name}={value!r} is invalid; allowed values: {', '.join(map(repr, allowed))}")
+
+
+@dataclass
+class SurgeConfig(QuantizationConfigMixin):
+    """Binarization settings for SURGE quantization-aware training of BERT-family encoders.
+
+    Args:
+        weight_bits: bits of the encoder linear weights; 1 (`alpha * sign(W - mean_row(W))`).
+        activation_bits: bits of the encoder linear inputs (and of the attention operands when
+            `binarize_attention`): 1 (elastic binarization), 2, 4, 8 (uniform LSQ), or 32 (full precision).
+        embedding_bits: bits of the word embeddings: 1 or 32.
+        estimator: backward surrogate of sign(): "ste", "clipped_ste", "approx_sign", "ede", or
+            "dpgc" (auxiliary FP branch, fixed lambda = eta) and "surge" (DPGC + Adaptive Gradient Scaler).
+        base_estimator: surrogate of the binary branch under "dpgc"/"surge" (one of the first four).
+        eta: AGS base coefficient under "surge"; the fixed lambda under "dpgc". Must be > 0.
+        binarize_attention: also quantize Q, K, V and the attention probabilities, so that every matmul
+            of the encoder runs on quantized operands (BiT); requires activation_bits < 32.
+        modules_to_not_convert: module names (or dotted suffixes/prefixes) kept in full precision.
+    """
+
+    weight_bits: int = 1
+    activation_bits: int = 1
+    embedding_bits: int = 32
+    estimator: str = "surge"
+    base_estimator: str = "clipped_ste"
+    eta: float = 0.5
+    binarize_attention: bool = True
+    modules_to_not_convert: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES_TO_NOT_CONVERT))
+    quant_method: str = QUANT_METHOD
+
+    def __post_init__(self) -> None:
+        if self.quant_method != QUANT_METHOD:
+            raise ValueError(f"SurgeConfig.quant_method={self.quant_method!r} is invalid; allowed values: {QUANT_METHOD!r}")
+        _check_choice("weight_bits", self.weight_bits, WEIGHT_BITS)
+        _check_choice("activation_bits", self.activation_bits, ACTIVATION_BITS)
+        _check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
+        _check_choice("estimator", self.estimator, ESTIMATORS)
+        _check_choice("base_estimator", self.base_estimator, BASE_ESTIMATORS)
+        if not self.has_auxiliary_branch and self.base_estimator != "clipped_ste":
+            raise ValueError(
+                f"SurgeConfig.base_estimator={self.base_estimator!r} only applies with estimator in "
+                f"{COMPENSATED_ESTIMATORS}; with estimator={self.estimator!r} set `estimator` instead"
+            )
+        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not self.eta > 0:
+            raise ValueError(f"SurgeConfig.eta={self.eta!r} is invalid; allowed values: a number > 0")
+        self.eta = float(self.eta)
+        if not isinstance(self.binarize_attention, bool):
+            raise ValueError(f"SurgeConfig.binarize_attention={self.binarize_attention!r} is invalid; allowed values: True, False")
+        if self.binarize_attention and self.activation_bits == 32:
+            raise ValueError(
+                "SurgeConfig.binarize_attention=True is invalid with activation_bits=32; allowed values: "
+                "binarize_attention=False, or activation_bits in (1, 2, 4, 8)"
+            )
+        if self.modules_to_not_convert is None:
+            self.modules_to_not_convert = []
+        if isinstance(self.modules_to_not_convert, str) or not all(
+            isinstance(name, str) and name for name in self.modules_to_not_convert
+        ):
+            raise ValueError(
+                f"SurgeConfig.modules_to_not_convert={self.modules_to_not_convert!r} is invalid; "
+                "allowed values: a list of non-empty module names"
+            )
+        self.modules_to_not_convert = list(self.modules_to_not_convert)
+
+    @property
+    def has_auxiliary_branch(self) -> bool:
+        """True for estimators with a DPGC auxiliary full-precision branch ("dpgc", "surge")."""
+        return self.estimator in COMPENSATED_ESTIMATORS
+
+    @property
+    def binary_estimator(self) -> str:
+        """The surrogate of the binary branch: `base_estimator` under DPGC/SURGE, else `estimator`."""
+        return self.base_estimator if self.has_auxiliary_branch else self.estimator
+
+    @property
+    def bits_label(self) -> str:
+        """W-E-A bits as the binarized-BERT papers write them, e.g. "1-32-1"."""
+        return f"{self.weight_bits}-{self.embedding_bits}-{self.activation_bits}"
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Build from a dict (e.g. `config.json`'s `quantization_config`); unknown keys raise."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            raise ValueError(f"SurgeConfig has no field(s) {unknown}; allowed fields: {sorted(known)}")
+        return super().from_dict(dict(config_dict), return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SurgeConfig) and self.to_dict() == other.to_dict()

@@ -1,0 +1,137 @@
+"""Module swapping, in one place: which modules of a BERT-family model SURGE replaces, and how.
+
+Replaced: every `nn.Linear` inside the encoder's layer stack (`encoder.layer.N.` for BERT/RoBERTa/
+ELECTRA..., `transformer.layer.N.` for DistilBERT): the attention projections Q, K, V and output,
+and the FFN linears. With `binarize_attention`, every self-attention module of the stack also gets
+`AttentionQuantizers` and the model runs the "surge" attention implementation. With
+`embedding_bits=1`, the word embeddings become a `SurgeEmbedding`. Nothing else changes; names in
+`modules_to_not_convert` (matched as in Transformers: prefix up to a dot, regex, or suffix) are kept.
+
+Example:
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> import surge_nlp
+    >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1,
+    ...     num_attention_heads=2, intermediate_size=64, vocab_size=100))
+    >>> model = surge_nlp.binarize(model, surge_nlp.SurgeConfig())
+    >>> sorted({type(m).__name__ for m in model.modules() if "Surge" in type(m).__name__})
+    ['SurgeLinear']
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from .attention import ATTENTION_IMPLEMENTATION, AttentionQuantizers, register_attention
+from .config import SurgeConfig
+from .layers import SurgeEmbedding, SurgeLinear
+
+ENCODER_LAYER = re.compile(r"(?:^|\.)(?:encoder|transformer)\.layer\.\d+\.")
+SUPPORTED = "BERT-family encoders whose layers live under `encoder.layer.N` (BERT, RoBERTa, ELECTRA, ...) or `transformer.layer.N` (DistilBERT)"
+
+
+def encoder_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the encoder-stack linears SURGE binarizes (before exclusions)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and ENCODER_LAYER.search(name)]
+
+
+def _self_attention_names(model: nn.Module) -> list[str]:
+    return [
+        name
+        for name, module in model.named_modules()
+        if ENCODER_LAYER.search(name + ".") and type(module).__name__.endswith("SelfAttention")
+    ]
+
+
+def _word_embedding_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if get is not None else None
+    for name, module in model.named_modules():
+        if module is embedding:
+            return name
+    return None
+
+
+def _materialize_like(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Put `new` (built on meta) on `old`'s device; off meta, carry old's weights over and reset
+    the SURGE state from them. On meta (from_pretrained) the quantizer does this after loading."""
+    device = old.weight.device
+    new = new.to_empty(device=device)
+    if device.type != "meta":
+        with torch.no_grad():
+            new.load_state_dict(old.state_dict(), strict=False)
+        if isinstance(new, SurgeLinear):
+            new.reset_surge_state()
+    return new
+
+
+def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to_not_convert: list[str] | None = None) -> nn.Module:
+    """Swap the encoder linears (and attention, embeddings per `config`) in place; returns `model`.
+
+    Works on a model on the meta device (from_pretrained, weights load afterwards) and on a
+    materialised model (weights are carried over). Raises ValueError when nothing is binarizable.
+    """
+    skip = list(config.modules_to_not_convert) + list(modules_to_not_convert or [])
+    linear_names = [name for name in encoder_linear_names(model) if should_convert_module(name, skip)]
+    if not linear_names:
+        raise ValueError(
+            f"SURGE found no encoder linear to binarize in {type(model).__name__}; supported: {SUPPORTED}, "
+            f"with modules_to_not_convert={skip}"
+        )
+    for name in linear_names:
+        old = model.get_submodule(name)
+        with torch.device("meta"):
+            new = SurgeLinear.from_config(config, old.in_features, old.out_features, bias=old.bias is not None,
+                                          dtype=old.weight.dtype)
+        model.set_submodule(name, _materialize_like(old, new))
+
+    if config.binarize_attention:
+        register_attention()
+        text_config = model.config.get_text_config() if hasattr(model, "config") else None
+        num_heads = text_config.num_attention_heads
+        head_dim = text_config.hidden_size // num_heads
+        for name in _self_attention_names(model):
+            if should_convert_module(name, skip):
+                attention = model.get_submodule(name)
+                device = next(attention.parameters()).device
+                attention.surge_attention = AttentionQuantizers(num_heads, head_dim, config.activation_bits, config.binary_estimator).to(device)
+        model.config._attn_implementation = ATTENTION_IMPLEMENTATION
+        for sub in model.modules():
+            sub_config = getattr(sub, "config", None)
+            if sub_config is not None and hasattr(sub_config, "_attn_implementation"):
+                sub_config._attn_implementation = ATTENTION_IMPLEMENTATION
+
+    if config.embedding_bits == 1:
+        name = _word_embedding_name(model)
+        if name is None or not should_convert_module(name, skip):
+            raise ValueError("SurgeConfig.embedding_bits=1 but the model has no convertible word embedding (get_input_embeddings)")
+        old = model.get_submodule(name)
+        with torch.device("meta"):
+            new = SurgeEmbedding(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx, dtype=old.weight.dtype)
+        model.set_submodule(name, _materialize_like(old, new))
+    return model
+
+
+def reset_surge_state(model: nn.Module) -> None:
+    """Fresh quantization of pretrained weights: aux weights := latent weights, quantizers un-calibrated."""
+    for module in model.modules():
+        if isinstance(module, SurgeLinear):
+            module.reset_surge_state()
+        elif isinstance(module, AttentionQuantizers):
+            module.reset_parameters()
+
+
+def set_training_progress(model: nn.Module, progress: float) -> None:
+    """Tell progress-driven surrogates (EDE) how far training is: 0 at the start, 1 at the end."""
+    for module in model.modules():
+        for value in vars(module).values():
+            if hasattr(value, "set_progress"):
+                value.set_progress(progress)
+
+
+def surge_linears(model: nn.Module) -> dict[str, SurgeLinear]:
+    """The model's SurgeLinear modules by qualified name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, SurgeLinear)}

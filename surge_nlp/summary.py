@@ -1,0 +1,134 @@
+"""`summary(model)`: a Larq-style report of bits, parameters, memory and binary MACs.
+
+Counts what the deployed model holds: each binarized weight at 1 bit, every other parameter at
+32 bits (its per-channel scales and the activation scales/shifts included). Training-only state
+(DPGC auxiliary weights) is not part of the deployed model and is excluded.
+
+Example:
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> import surge_nlp
+    >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1,
+    ...     num_attention_heads=2, intermediate_size=64, vocab_size=100))
+    >>> report = surge_nlp.summary(surge_nlp.binarize(model, surge_nlp.SurgeConfig()))
+    >>> report.totals["binarized_layers"]
+    6
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from .attention import AttentionQuantizers
+from .layers import SurgeEmbedding, SurgeLinear
+
+_TRAINING_ONLY = ("aux_weight",)
+
+
+@dataclass
+class LayerSummary:
+    name: str
+    kind: str
+    weight_bits: int
+    input_bits: int
+    params_1bit: int
+    params_32bit: int
+    memory_bytes: int
+    macs_per_token: int
+
+
+@dataclass
+class ModelSummary:
+    layers: list[LayerSummary]
+    totals: dict
+
+    def as_dict(self) -> dict:
+        return {"layers": [asdict(layer) for layer in self.layers], "totals": dict(self.totals)}
+
+    def __str__(self) -> str:
+        header = f"{'layer':<48} {'W':>3} {'A':>3} {'1-bit params':>13} {'32-bit params':>14} {'memory KiB':>11}"
+        lines = [header, "-" * len(header)]
+        for layer in self.layers:
+            lines.append(
+                f"{layer.name:<48} {layer.weight_bits:>3} {layer.input_bits:>3} {layer.params_1bit:>13,} "
+                f"{layer.params_32bit:>14,} {layer.memory_bytes / 1024:>11.1f}"
+            )
+        t = self.totals
+        lines += [
+            "-" * len(header),
+            f"binarized layers:          {t['binarized_layers']}",
+            f"1-bit parameters:          {t['params_1bit']:,}",
+            f"32-bit parameters:         {t['params_32bit']:,}",
+            f"deployed size:             {t['deployed_bytes'] / 2**20:.2f} MiB ({t['deployed_bytes']:,} bytes)",
+            f"FP32 equivalent:           {t['fp32_bytes'] / 2**20:.2f} MiB ({t['fp32_bytes']:,} bytes)",
+            f"compression ratio:         {t['compression_ratio']:.2f}x",
+            f"binary MACs (seq {t['seq_len']}):     {100 * t['binary_mac_share']:.1f}% of {t['macs_per_sequence']:,}",
+        ]
+        return "\n".join(lines)
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if n.rsplit(".", 1)[-1] not in _TRAINING_ONLY)
+
+
+def summary(model: nn.Module, seq_len: int = 128, print_fn=print) -> ModelSummary:
+    """Per binarized layer and totals; printed through `print_fn` (None: silent) and returned.
+
+    `seq_len` sets the attention matmul MACs counted in `binary_mac_share`.
+    """
+    layers: list[LayerSummary] = []
+    binarized_ids: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, SurgeLinear):
+            ones = module.weight.numel()
+            # 32-bit: bias, one weight scale per output row, the input quantizer's alpha and beta.
+            fp = (module.bias.numel() if module.bias is not None else 0) + module.out_features
+            fp += _own_params(module.input_quantizer) if module.input_quantizer is not None else 0
+            macs = module.in_features * module.out_features
+            layers.append(LayerSummary(name, "SurgeLinear", 1, module.activation_bits, ones, fp, (ones + 7) // 8 + 4 * fp, macs))
+        elif isinstance(module, SurgeEmbedding):
+            ones = module.weight.numel()
+            fp = module.num_embeddings  # one scale per row
+            layers.append(LayerSummary(name, "SurgeEmbedding", 1, 32, ones, fp, (ones + 7) // 8 + 4 * fp, 0))
+        else:
+            continue
+        binarized_ids.update(id(p) for p in module.parameters())
+
+    params_1bit = sum(layer.params_1bit for layer in layers)
+    other_fp = sum(
+        p.numel() for n, p in model.named_parameters() if id(p) not in binarized_ids and n.rsplit(".", 1)[-1] not in _TRAINING_ONLY
+    )
+    params_32bit = sum(layer.params_32bit for layer in layers) + other_fp
+    deployed = sum(layer.memory_bytes for layer in layers) + 4 * other_fp
+    fp32 = 4 * sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] not in _TRAINING_ONLY and "quantizer" not in n and "surge_attention" not in n)
+
+    binary_macs = sum(layer.macs_per_token for layer in layers if layer.kind == "SurgeLinear" and layer.input_bits == 1)
+    all_linear_macs = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    attention_macs = 0
+    for module in model.modules():
+        if isinstance(module, AttentionQuantizers):
+            num_heads, _, head_dim = module.query.beta.shape
+            per_token = 2 * seq_len * num_heads * head_dim  # Q.K^T and P.V
+            attention_macs += per_token
+            binary_macs += per_token if module.query.bits == 1 else 0
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config") and not any(isinstance(m, AttentionQuantizers) for m in model.modules()):
+        text = config.get_text_config()
+        attention_macs = 2 * seq_len * text.hidden_size * text.num_hidden_layers
+    total_macs = (all_linear_macs + attention_macs) * seq_len
+    totals = {
+        "binarized_layers": len(layers),
+        "params_1bit": params_1bit,
+        "params_32bit": params_32bit,
+        "deployed_bytes": deployed,
+        "fp32_bytes": fp32,
+        "compression_ratio": fp32 / deployed if deployed else 1.0,
+        "seq_len": seq_len,
+        "macs_per_sequence": total_macs,
+        "binary_mac_share": binary_macs * seq_len / total_macs if total_macs else 0.0,
+    }
+    result = ModelSummary(layers, totals)
+    if print_fn is not None:
+        print_fn(str(result))
+    return result
