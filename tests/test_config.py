@@ -1,0 +1,113 @@
+"""SurgeConfig: defaults, JSON round trip, registration, and every invalid value a user can pass."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+
+import surge_nlp
+from surge_nlp import SurgeConfig
+
+
+def test_to_dict_is_json_safe_and_round_trips():
+    cfg = SurgeConfig(activation_bits=4, embedding_bits=1, estimator="dpgc", base_estimator="ede", eta=0.25,
+                      binarize_attention=False, modules_to_not_convert=["classifier", "encoder.layer.0"])
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["quant_method"] == "surge"
+    assert SurgeConfig.from_dict(data) == cfg
+    assert SurgeConfig.from_dict(data).to_dict() == cfg.to_dict()
+
+
+def test_round_trip_through_config_json(tiny_bert, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg = SurgeConfig(activation_bits=2, estimator="ede")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, quantization_config=cfg)
+    model.config.save_pretrained(tmp_path / "cfg")
+    saved = json.loads((tmp_path / "cfg" / "config.json").read_text())["quantization_config"]
+    assert SurgeConfig.from_dict(saved) == cfg
+    reloaded = AutoConfig.from_pretrained(tmp_path / "cfg").quantization_config
+    assert SurgeConfig.from_dict(reloaded if isinstance(reloaded, dict) else reloaded.to_dict()) == cfg
+
+
+def test_defaults():
+    cfg = SurgeConfig()
+    assert (cfg.weight_bits, cfg.activation_bits, cfg.embedding_bits) == (1, 1, 32)
+    assert cfg.estimator == "surge" and cfg.base_estimator == "clipped_ste" and cfg.binarize_attention
+    assert set(cfg.modules_to_not_convert) >= {"pooler", "classifier"}
+    assert cfg.bits_label == "1-32-1"
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("weight_bits", 2, "1"),
+        ("weight_bits", True, "1"),
+        ("activation_bits", 3, "1, 2, 4, 8, 32"),
+        ("embedding_bits", 8, "1, 32"),
+        ("estimator", "sign", "'ste', 'clipped_ste', 'approx_sign', 'ede', 'dpgc', 'surge'"),
+        ("base_estimator", "surge", "'ste', 'clipped_ste', 'approx_sign', 'ede'"),
+        ("eta", 0.0, "a number > 0"),
+        ("eta", -1, "a number > 0"),
+        ("eta", "big", "a number > 0"),
+        ("binarize_attention", "yes", "True, False"),
+        ("modules_to_not_convert", "pooler", "a list of non-empty module names"),
+        ("modules_to_not_convert", ["pooler", ""], "a list of non-empty module names"),
+        ("quant_method", "bitnet", "'surge'"),
+    ],
+)
+def test_invalid_values_name_field_and_allowed_values(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        SurgeConfig(**{field: value})
+    message = str(err.value)
+    assert f"SurgeConfig.{field}=" in message and allowed in message
+
+
+def test_base_estimator_only_with_auxiliary_branch():
+    with pytest.raises(ValueError, match="base_estimator='ede' only applies with estimator in"):
+        SurgeConfig(estimator="ste", base_estimator="ede")
+    assert SurgeConfig(estimator="surge", base_estimator="ede").binary_estimator == "ede"
+    assert SurgeConfig(estimator="approx_sign").binary_estimator == "approx_sign"
+
+
+def test_binarize_attention_needs_quantized_activations():
+    with pytest.raises(ValueError, match="binarize_attention=True is invalid with activation_bits=32"):
+        SurgeConfig(activation_bits=32)
+    assert SurgeConfig(activation_bits=32, binarize_attention=False).activation_bits == 32
+
+
+def test_unknown_field_from_dict_names_it():
+    with pytest.raises(ValueError, match=r"no field\(s\) \['act_bits'\]"):
+        SurgeConfig.from_dict({"quant_method": "surge", "act_bits": 1})
+
+
+def test_registered_with_transformers_and_reimport_is_idempotent():
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoQuantizationConfig
+
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING["surge"].__name__ == "SurgeConfig"
+    assert AUTO_QUANTIZER_MAPPING["surge"].__name__ == "SurgeHfQuantizer"
+    surge_nlp.register()
+    importlib.reload(surge_nlp)  # re-running the package's import registers again without raising
+    assert isinstance(AutoQuantizationConfig.from_dict({"quant_method": "surge"}), SurgeConfig)
+
+
+def test_stale_class_from_a_reloaded_module_is_replaced(monkeypatch):
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    stale = type("SurgeHfQuantizer", (), {"__module__": "surge_nlp.quantizer"})  # what a reload leaves behind
+    monkeypatch.setitem(AUTO_QUANTIZER_MAPPING, "surge", stale)
+    surge_nlp.register()
+    assert AUTO_QUANTIZER_MAPPING["surge"] is surge_nlp.SurgeHfQuantizer
+
+
+def test_foreign_registration_is_not_overwritten(monkeypatch):
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    class Impostor:  # another package's "surge"
+        pass
+
+    monkeypatch.setitem(AUTO_QUANTIZER_MAPPING, "surge", Impostor)
+    with pytest.raises(RuntimeError, match="already registered by"):
+        surge_nlp.register()
