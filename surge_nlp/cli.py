@@ -1,0 +1,238 @@
+"""`surge-nlp`: the command line. Every subcommand is a thin wrapper over `surge_nlp.pipeline`.
+
+Errors a user can provoke (unknown task, missing split, wrong columns, label or tokenizer mismatch,
+unreadable recipe, bad checkpoint) are reported in one line, `surge-nlp: error: ...`, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXAMPLES = """examples:
+  # the whole pipeline on RTE with the MiniLM teacher on two CPU cores, data from a local mirror
+  SURGE_NLP_GLUE_DATASET=../shared/data/glue surge-nlp glue rte --profile cpu --output runs/rte
+  # BERT-base at BiT's published scale, multi-step FP -> W1A4 -> W1A2 -> W1A1, pushed to the Hub
+  surge-nlp glue mrpc --profile multistep --output runs/mrpc --push-to-hub me/bert-base-mrpc-w1a1
+  # distil from a teacher you already fine-tuned; resume a killed run
+  surge-nlp distill sst2 --teacher runs/sst2/teacher --output runs/sst2 --resume
+  # a recipe value from the command line
+  surge-nlp glue cola --profile cpu --set distill.num_epochs=1 --set stages.0.quantization.eta=1.0
+  surge-nlp evaluate runs/rte/student --task rte
+  surge-nlp predict runs/rte/student --task rte --output runs/rte/submission
+  surge-nlp summary runs/rte/student
+"""
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    """`--set a.b=value` (value parsed as YAML) into a nested dict; `stages.N.` indexes the list."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} is invalid; expected KEY=VALUE, e.g. distill.num_epochs=1")
+        node = overrides
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return overrides
+
+
+def _recipe(args: argparse.Namespace):
+    from .glue import get_task
+    from .recipe import load_recipe, merge
+
+    get_task(args.task)
+    overrides = _parse_set(args.set)
+    stage_overrides = overrides.pop("stages", None)
+    for key in ("dataset", "max_train_samples", "max_eval_samples", "model"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    if stage_overrides:
+        # `stages.N.x=...` edits stage N of the merged recipe instead of replacing the list.
+        base = load_recipe(args.recipe or args.task, args.profile, overrides)
+        stages = [{"name": s.name, "quantization": s.quantization.to_dict(), "training": s.training.to_dict()} for s in base.stages]
+        for index, change in stage_overrides.items():
+            position = int(index)
+            if not 0 <= position < len(stages):
+                raise ValueError(f"--set stages.{index}: the recipe has {len(stages)} stage(s) (0 to {len(stages) - 1})")
+            stages[position] = merge(stages[position], change)
+        overrides["stages"] = stages
+    recipe = load_recipe(args.recipe or args.task, args.profile, overrides)
+    if args.recipe and recipe.task != args.task:
+        raise ValueError(f"recipe {args.recipe} is for task {recipe.task!r}, not {args.task!r}")
+    return recipe
+
+
+def _print_table(result) -> None:
+    rows = [("teacher (FP)", "32-32-32", result.teacher["metrics"])]
+    rows += [(f"student {s['name']}", s["bits"], s["metrics"]) for s in result.stages]
+    print(f"\n{'model':<22} {'W-E-A':<9} {'split':<24} metrics (x100)")
+    for name, bits, metrics in rows:
+        for split, values in metrics.items():
+            shown = "  ".join(f"{k}={100 * v:.2f}" for k, v in values.items())
+            print(f"{name:<22} {bits:<9} {split:<24} {shown}")
+
+
+def cmd_glue(args: argparse.Namespace) -> None:
+    from .pipeline import run_glue
+    from .summary import summary
+
+    recipe = _recipe(args)
+    result = run_glue(recipe, args.output, teacher_path=args.teacher, resume=args.resume, push_to_hub=args.push_to_hub)
+    _print_table(result)
+    from transformers import AutoModelForSequenceClassification
+
+    print()
+    summary(AutoModelForSequenceClassification.from_pretrained(result.student_dir))
+    print(f"\npacked student: {result.student_dir}\nresults: {Path(args.output) / 'results.json'}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .pipeline import finetune_teacher
+
+    _, _, info = finetune_teacher(_recipe(args), Path(args.output), resume=args.resume)
+    print(json.dumps(info["metrics"], indent=2))
+    print(f"teacher: {Path(args.output) / 'teacher'}")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from .pipeline import PipelineResult, _save_atomically, check_tokenizers, distill_stages, load_teacher, resolve_model
+    from .serialization import set_checkpoint_format
+    from transformers import AutoTokenizer
+
+    recipe = _recipe(args)
+    teacher, tokenizer, teacher_info = load_teacher(recipe, args.teacher)
+    start = resolve_model(args.student or args.teacher)
+    if args.student:
+        from transformers import AutoModelForSequenceClassification
+
+        from .pipeline import check_labels
+
+        check_labels(AutoModelForSequenceClassification.from_pretrained(start), recipe.task, "student")
+        check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(start), args.teacher, args.student)
+    output = Path(args.output)
+    student, stages = distill_stages(recipe, teacher, start, tokenizer, output, resume=args.resume)
+    set_checkpoint_format(student, "packed")
+    _save_atomically(student, output / "student", tokenizer)
+    _print_table(PipelineResult(recipe.task, teacher_info, stages))
+    print(f"packed student: {output / 'student'}")
+
+
+def _load_for_task(path: str, task: str):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .glue import get_task
+    from .pipeline import check_labels, resolve_model
+
+    get_task(task)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model(path))
+    check_labels(model, task, "model")
+    return model, AutoTokenizer.from_pretrained(resolve_model(path))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .glue import evaluate_model, load_glue
+
+    model, tokenizer = _load_for_task(args.model, args.task)
+    data = load_glue(args.task, tokenizer, dataset=args.dataset, max_eval_samples=args.max_eval_samples, splits=("validation",))
+    metrics = evaluate_model(args.task, model, data, tokenizer, batch_size=args.batch_size)
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .glue import load_glue, predict_to_submission
+
+    model, tokenizer = _load_for_task(args.model, args.task)
+    data = load_glue(args.task, tokenizer, dataset=args.dataset, max_eval_samples=args.max_eval_samples, splits=("test",))
+    for path in predict_to_submission(args.task, model, data, tokenizer, args.output, batch_size=args.batch_size):
+        print(path)
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    from transformers import AutoModel
+
+    from .pipeline import resolve_model
+    from .summary import summary
+
+    summary(AutoModel.from_pretrained(resolve_model(args.model)), seq_len=args.seq_len)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="surge-nlp", description="SURGE 1-bit BERT: distil, evaluate and package binarized GLUE models.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def recipe_args(p: argparse.ArgumentParser, teacher_required: bool | None) -> None:
+        p.add_argument("task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
+        p.add_argument("--recipe", help="a recipe .yaml (default: recipes/glue/TASK.yaml)")
+        p.add_argument("--profile", action="append", default=[], help="overlay a profile (repeatable): cpu, multistep, or a .yaml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. distill.num_epochs=1")
+        p.add_argument("--dataset", help="GLUE dataset: Hub id or local mirror (default $SURGE_NLP_GLUE_DATASET or nyu-mll/glue)")
+        p.add_argument("--max-train-samples", type=int, help="keep the first N training examples")
+        p.add_argument("--max-eval-samples", type=int, help="keep the first N validation examples")
+        p.add_argument("--output", required=True, help="output directory")
+        p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+        if teacher_required is not None:
+            p.add_argument("--teacher", required=teacher_required, help="fine-tuned FP teacher (path or Hub id)")
+
+    p = sub.add_parser("glue", help="the whole pipeline: fine-tune the teacher (unless --teacher), distil, evaluate, save packed",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    recipe_args(p, teacher_required=False)
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the packed student with a model card")
+    p.set_defaults(func=cmd_glue)
+
+    p = sub.add_parser("finetune", help="fine-tune the full-precision teacher only")
+    recipe_args(p, teacher_required=None)
+    p.add_argument("--model", help="base model (path or Hub id; default: the recipe's)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("distill", help="distil a binarized student from a fine-tuned teacher")
+    recipe_args(p, teacher_required=True)
+    p.add_argument("--student", help="initialise the student from this model (default: the teacher's weights)")
+    p.set_defaults(func=cmd_distill)
+
+    for name, func, text in (("evaluate", cmd_evaluate, "validation metrics of a model"),
+                             ("predict", cmd_predict, "write GLUE-submission files for the test split")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model", help="model directory or Hub id (SURGE checkpoints need no extra flag)")
+        p.add_argument("--task", required=True)
+        p.add_argument("--dataset", help="GLUE dataset: Hub id or local mirror")
+        p.add_argument("--max-eval-samples", type=int)
+        p.add_argument("--batch-size", type=int, default=64)
+        if name == "predict":
+            p.add_argument("--output", required=True, help="directory for the .tsv files")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("summary", help="bits, parameters, memory and binary MACs of a model")
+    p.add_argument("model", help="model directory or Hub id")
+    p.add_argument("--seq-len", type=int, default=128, help="sequence length for the attention MAC count")
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import surge_nlp  # noqa: F401  (registers quant_method "surge" before any checkpoint loads)
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, OSError, KeyError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"surge-nlp: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

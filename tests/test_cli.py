@@ -1,0 +1,252 @@
+"""The `surge-nlp` CLI end to end on small slices of real GLUE data (local mirror), the recipe
+layering, and every error a user can provoke (one line, exit code 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from surge_nlp.cli import main
+from surge_nlp.recipe import RecipeError, load_recipe, merge
+
+from .conftest import REPO
+
+STAGE = {"name": "w1a1", "quantization": {"activation_bits": 1, "estimator": "surge", "binarize_attention": True}}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, minilm_path) -> Path:
+    """A tiny random BERT with the MiniLM's real tokenizer (so real GLUE text tokenizes as usual)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-base")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_recipe(path: Path, task: str, model: Path, stages=(STAGE,), **extra) -> Path:
+    recipe = {"task": task, "model": str(model), "max_train_samples": 32, "max_eval_samples": 24,
+              "teacher": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8, "ground_truth_weight": 1.0,
+                          "logits_weight": 0.0, "hidden_weight": 0.0},
+              "distill": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8, "checkpoint_every": 2},
+              "stages": list(stages), **extra}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def local_glue(monkeypatch, glue_mirror):
+    monkeypatch.setenv("SURGE_NLP_GLUE_DATASET", str(glue_mirror))
+
+
+@pytest.fixture(scope="module")
+def rte_run(tmp_path_factory, tiny_base, glue_mirror):
+    """One `surge-nlp glue rte` run shared by the tests that inspect its outputs."""
+    import os
+
+    os.environ["SURGE_NLP_GLUE_DATASET"] = str(glue_mirror)
+    tmp = tmp_path_factory.mktemp("rte")
+    recipe = write_recipe(tmp / "rte.yaml", "rte", tiny_base)
+    assert main(["glue", "rte", "--recipe", str(recipe), "--output", str(tmp / "out")]) == 0
+    return tmp / "out", recipe
+
+
+def test_glue_pipeline_end_to_end_on_real_rte(rte_run, capsys):
+    out, _ = rte_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "rte"
+    assert set(results["teacher"]["metrics"]["validation"]) == {"accuracy"}
+    assert results["stages"][0]["bits"] == "1-32-1" and results["stages"][0]["steps"] == 4
+    config = json.loads((out / "student" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "surge" and config["checkpoint_format"] == "packed"
+    # The packed student reloads through the CLI and scores what the pipeline measured.
+    code, stdout, _ = run(capsys, "evaluate", out / "student", "--task", "rte", "--max-eval-samples", 24)
+    assert code == 0
+    assert json.loads(stdout)["validation"]["accuracy"] == pytest.approx(results["stages"][0]["metrics"]["validation"]["accuracy"])
+    log = [json.loads(line) for line in (out / "stages" / "w1a1" / "log_history.jsonl").read_text().splitlines()]
+    assert log and all("loss" in record or "eval" in str(record) for record in log)
+
+
+def test_predict_writes_a_glue_submission(rte_run, capsys, tmp_path):
+    out, _ = rte_run
+    code, stdout, _ = run(capsys, "predict", out / "student", "--task", "rte", "--max-eval-samples", 10, "--output", tmp_path)
+    assert code == 0
+    lines = (tmp_path / "RTE.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 11
+    assert {line.split("\t")[1] for line in lines[1:]} <= {"entailment", "not_entailment"}
+
+
+def test_summary_command(rte_run, capsys):
+    out, _ = rte_run
+    code, stdout, _ = run(capsys, "summary", out / "student")
+    assert code == 0 and "binarized layers:          12" in stdout and "compression ratio" in stdout
+
+
+def test_resume_skips_finished_work_and_keeps_the_numbers(rte_run, capsys):
+    out, recipe = rte_run
+    before = json.loads((out / "results.json").read_text())
+    code, _, _ = run(capsys, "glue", "rte", "--recipe", recipe, "--output", out, "--resume")
+    assert code == 0
+    after = json.loads((out / "results.json").read_text())
+    assert after["teacher"]["metrics"] == before["teacher"]["metrics"]
+    assert after["stages"][0]["metrics"] == before["stages"][0]["metrics"]
+
+
+def test_stsb_finetune_then_distill_two_stages(tmp_path, tiny_base, capsys):
+    stages = [{"name": "w1a4", "quantization": {"activation_bits": 4, "estimator": "surge"}},
+              {"name": "w1a1", "quantization": {"activation_bits": 1, "estimator": "surge"}}]
+    recipe = write_recipe(tmp_path / "stsb.yaml", "stsb", tiny_base, stages=stages)
+    code, stdout, err = run(capsys, "finetune", "stsb", "--recipe", recipe, "--output", tmp_path / "ft")
+    assert code == 0, err
+    assert set(json.loads(stdout.rsplit("}", 1)[0] + "}")["validation"]) >= {"pearson", "spearmanr"}
+    code, stdout, err = run(capsys, "distill", "stsb", "--recipe", recipe, "--teacher", tmp_path / "ft" / "teacher",
+                            "--output", tmp_path / "d")
+    assert code == 0, err
+    assert "student w1a4" in stdout and "student w1a1" in stdout
+    for stage, bits in (("w1a4", 4), ("w1a1", 1)):
+        config = json.loads((tmp_path / "d" / "stages" / stage / "final" / "config.json").read_text())
+        assert config["quantization_config"]["activation_bits"] == bits
+        assert config["quantization_config"]["checkpoint_format"] == "training"
+
+
+# ---- recipes -------------------------------------------------------------------------------------
+
+def test_shipped_recipes_all_load():
+    for task in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"):
+        recipe = load_recipe(task)
+        assert recipe.task == task and recipe.model == "bert-base-uncased"
+        assert recipe.stages[0].quantization.bits_label == "1-1-1"
+        assert recipe.stages[0].training.scale_learning_rate == pytest.approx(1e-4)
+    bit = {"cola": (5e-4, 50, 16), "sst2": (1e-4, 10, 8), "rte": (5e-4, 20, 8), "qqp": (2e-4, 6, 32)}
+    for task, (lr, epochs, batch) in bit.items():
+        training = load_recipe(task).stages[0].training
+        assert (training.learning_rate, training.num_epochs, training.batch_size) == (pytest.approx(lr), epochs, batch)
+
+
+def test_profiles_overlay_in_order():
+    cpu = load_recipe("mrpc", ["cpu"])
+    assert cpu.model == "sentence-transformers/all-MiniLM-L6-v2" and cpu.max_train_samples == 2000
+    assert cpu.stages[0].quantization.bits_label == "1-32-1"
+    assert cpu.stages[0].training.learning_rate == pytest.approx(5e-4)  # profile over task file
+    multi = load_recipe("mrpc", ["cpu", "multistep"])
+    assert [s.quantization.activation_bits for s in multi.stages] == [4, 2, 1]
+    assert multi.max_train_samples == 2000
+
+
+def test_merge_is_deep_for_mappings_and_replaces_lists():
+    assert merge({"a": {"b": 1, "c": 2}, "l": [1, 2]}, {"a": {"c": 3}, "l": [9]}) == {"a": {"b": 1, "c": 3}, "l": [9]}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("task: [unclosed", "is not valid YAML"),
+        ("- just\n- a list", "must be a mapping"),
+        ("task: rte\nmodel: m\nstages: []", "`stages` must be a non-empty list"),
+        ("task: rte\nmodel: m\nepochs: 3\nstages: [{quantization: {}}]", "unknown setting(s) ['epochs']"),
+        ("task: nope\nmodel: m\nstages: [{quantization: {}}]", "unknown GLUE task 'nope'"),
+        ("task: rte\nmodel: m\nstages: [{quantization: {activation_bits: 3}}]", "SurgeConfig.activation_bits=3 is invalid"),
+        ("task: rte\nmodel: m\ndistill: {learning_rate: -1}\nstages: [{quantization: {}}]", "TrainingConfig.learning_rate=-1"),
+        ("task: rte\nmodel: m\nmax_train_samples: 0\nstages: [{quantization: {}}]", "`max_train_samples` must be null or an integer >= 1"),
+        ("task: rte\nmodel: m\nstages: [{name: a, quantization: {}}, {name: a, quantization: {}}]", "stage names must be unique"),
+    ],
+)
+def test_bad_recipes_are_one_clear_error(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(RecipeError, match=None) as err:
+        load_recipe(str(path))
+    assert message in str(err.value)
+    assert message in _one_line_error(capsys, "glue", "rte", "--recipe", path, "--output", tmp_path / "out")
+
+
+# ---- CLI error paths -----------------------------------------------------------------------------
+
+def _one_line_error(capsys, *argv) -> str:
+    code, _, err = run(capsys, *argv)
+    # Progress bars may precede it (they use carriage returns); the error itself is one line, last.
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("surge-nlp: error: ")]
+    assert code == 2 and len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]
+
+
+def test_unknown_task(capsys, tmp_path):
+    assert "unknown GLUE task 'rtee'" in _one_line_error(capsys, "glue", "rtee", "--output", tmp_path)
+    assert "no recipe named 'x'" in _one_line_error(capsys, "glue", "rte", "--recipe", "x", "--output", tmp_path)
+    assert "unknown GLUE task 'rtee'" in _one_line_error(capsys, "evaluate", tmp_path, "--task", "rtee")
+
+
+def test_missing_recipe_file_and_profile(capsys, tmp_path):
+    assert "does not exist" in _one_line_error(capsys, "glue", "rte", "--recipe", tmp_path / "none.yaml", "--output", tmp_path)
+    assert "no profile named 'gpu'" in _one_line_error(capsys, "glue", "rte", "--profile", "gpu", "--output", tmp_path)
+
+
+def test_bad_set_override(capsys, tmp_path):
+    assert "expected KEY=VALUE" in _one_line_error(capsys, "glue", "rte", "--set", "distill.num_epochs", "--output", tmp_path)
+    assert "the recipe has 1 stage(s)" in _one_line_error(capsys, "glue", "rte", "--set", "stages.3.name=x", "--output", tmp_path)
+
+
+def test_missing_split(capsys, tmp_path, tiny_base):
+    recipe = write_recipe(tmp_path / "qnli.yaml", "qnli", tiny_base)  # the mirror has no QNLI train split
+    assert "train" in _one_line_error(capsys, "glue", "qnli", "--recipe", recipe, "--output", tmp_path / "o")
+
+
+def test_wrong_columns(capsys, tmp_path, tiny_base, glue_mirror):
+    import datasets
+
+    from .test_glue import write_mirror
+
+    real = datasets.load_dataset(str(glue_mirror), "rte")
+    renamed = {split: real[split].select(range(8)).rename_column("sentence2", "hypothesis") for split in real}
+    mirror = write_mirror(tmp_path / "glue", {"rte": renamed})
+    recipe = write_recipe(tmp_path / "rte.yaml", "rte", tiny_base)
+    err = _one_line_error(capsys, "glue", "rte", "--recipe", recipe, "--dataset", mirror, "--output", tmp_path / "o")
+    assert "sentence2" in err
+
+
+def test_label_count_mismatch(capsys, rte_run, tmp_path, tiny_base):
+    out, _ = rte_run
+    recipe = write_recipe(tmp_path / "stsb.yaml", "stsb", tiny_base)
+    err = _one_line_error(capsys, "distill", "stsb", "--recipe", recipe, "--teacher", out / "teacher", "--output", tmp_path / "o")
+    assert "label count mismatch: the teacher has 2 labels, task stsb needs 1" in err
+
+
+def test_tokenizer_mismatch(capsys, rte_run, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    out, recipe = rte_run
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
+    other = tmp_path / "other"
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(other)
+    BertForSequenceClassification(BertConfig(vocab_size=7, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64)).save_pretrained(other)
+    err = _one_line_error(capsys, "distill", "rte", "--recipe", recipe, "--teacher", out / "teacher", "--student", other,
+                          "--output", tmp_path / "o")
+    assert "tokenizer mismatch" in err
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "surge-nlp glue rte --profile cpu" in capsys.readouterr().out
+
+
+def test_console_script_is_declared():
+    assert 'surge-nlp = "surge_nlp.cli:main"' in (REPO / "pyproject.toml").read_text()
