@@ -61,8 +61,9 @@ class _AuxiliaryBranch(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_x = grad_y @ aux_weight.to(grad_y.dtype)
         if ctx.needs_input_grad[2]:
-            grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).t() @ x_auxiliary.reshape(-1, x_auxiliary.shape[-1]))
-            grad_w = grad_w.to(aux_weight.dtype)
+            # Under autocast g_y may be half precision while x_a (the layer input) is float32.
+            grad_y_2d = grad_y.reshape(-1, grad_y.shape[-1]).to(x_auxiliary.dtype)
+            grad_w = (grad_y_2d.t() @ x_auxiliary.reshape(-1, x_auxiliary.shape[-1])).to(aux_weight.dtype)
         return grad_y, grad_x, grad_w
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from .config import SurgeConfig
 from .distill import TrainingConfig, train
 from .glue import GlueData, evaluate_model, get_task, load_glue, make_dataloader
 from .recipe import Recipe, Stage
@@ -191,7 +192,9 @@ def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, 
 
 def build_student(teacher_dir: str | Path, stage: Stage, previous: nn.Module | None) -> nn.Module:
     torch.manual_seed(stage.training.seed)
-    student = AutoModelForSequenceClassification.from_pretrained(teacher_dir, quantization_config=stage.quantization)
+    # A copy: the model's config changes (checkpoint_format) must not leak into the recipe.
+    quantization = SurgeConfig.from_dict(stage.quantization.to_dict())
+    student = AutoModelForSequenceClassification.from_pretrained(teacher_dir, quantization_config=quantization)
     if previous is not None:
         inherit_weights(student, previous)
     return student
