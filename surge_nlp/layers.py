@@ -12,14 +12,27 @@ Example:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .binarizers import ActivationQuantizer, binarize_weight
+from .binarizers import ActivationQuantizer, binarize_weight, weight_signs_and_scales
 from .compensator import GradientCompensator
-from .config import SurgeConfig
+from .config import COMPENSATED_ESTIMATORS, SurgeConfig
+from .packing import pack_signs, packed_length, unpack_binary_weight
 from .surrogates import make_surrogate
+
+
+def _input_quantizer(activation_bits: int, estimator: str, base_estimator: str, in_features: int,
+                     device: torch.device | str | None, dtype: torch.dtype | None) -> ActivationQuantizer | None:
+    """The per-channel input quantizer of a binarized linear (None for 32-bit activations)."""
+    if activation_bits == 32:
+        return None
+    surrogate = make_surrogate(base_estimator if estimator in COMPENSATED_ESTIMATORS else estimator)
+    quantizer = ActivationQuantizer(activation_bits, signed=True, surrogate=surrogate, shift_shape=(in_features,))
+    return quantizer.to(device=device, dtype=dtype)
 
 
 class SurgeLinear(nn.Linear):
@@ -46,14 +59,8 @@ class SurgeLinear(nn.Linear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        has_aux = estimator in ("dpgc", "surge")
-        surrogate = make_surrogate(base_estimator if has_aux else estimator)
-        if activation_bits == 32:
-            self.input_quantizer = None
-        else:
-            self.input_quantizer = ActivationQuantizer(activation_bits, signed=True, surrogate=surrogate, shift_shape=(in_features,))
-            self.input_quantizer.to(device=device, dtype=dtype)
-        if has_aux:
+        self.input_quantizer = _input_quantizer(activation_bits, estimator, base_estimator, in_features, device, dtype)
+        if estimator in COMPENSATED_ESTIMATORS:
             self.compensator = GradientCompensator(mode=estimator, eta=eta)
             self.aux_weight = nn.Parameter(torch.empty_like(self.weight))
         else:
@@ -117,3 +124,127 @@ class SurgeEmbedding(nn.Embedding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_bits=1"
+
+
+class PackedSurgeLinear(nn.Linear):
+    """The deployed form of `SurgeLinear`: 1-bit weights packed 8 per byte, no latent or auxiliary copy.
+
+    State: `weight` (uint8 buffer `[out, ceil(in / 8)]`, see `surge_nlp.packing`), `weight_scale`
+    (per-output-row alpha), `bias`, and the `input_quantizer`'s learned scale/shift. The packed
+    weight keeps the name `weight` so that a plain (non-SURGE) model refuses to load it (size
+    mismatch) instead of silently running unquantized. Its forward equals `SurgeLinear`'s eval forward.
+    It is an `nn.Linear` (features, bias, forward signature) so that PEFT can put LoRA adapters on it;
+    the packed weight itself is frozen (a buffer), and merging adapters into it is not possible.
+
+    Example:
+        >>> import torch
+        >>> from surge_nlp import PackedSurgeLinear, SurgeConfig, SurgeLinear
+        >>> layer = SurgeLinear.from_config(SurgeConfig(), in_features=16, out_features=4).eval()
+        >>> packed = PackedSurgeLinear.from_surge_linear(layer)
+        >>> packed.weight.dtype, tuple(packed.weight.shape)
+        (torch.uint8, (4, 2))
+        >>> x = torch.randn(3, 16)
+        >>> bool(torch.equal(packed(x), layer(x)))
+        True
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        activation_bits: int = 1,
+        estimator: str = "surge",
+        base_estimator: str = "clipped_ste",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        # nn.Linear's latent weight is only built on the meta device, then replaced by the packed buffer.
+        super().__init__(in_features, out_features, bias=bias, device="meta", dtype=dtype)
+        del self.weight
+        self.register_buffer("weight", torch.zeros(out_features, packed_length(in_features), dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device, dtype=dtype))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        # The surrogate only matters for training; it is rebuilt so the quantizer is the same module type.
+        self.input_quantizer = _input_quantizer(activation_bits, estimator, base_estimator, in_features, device, dtype)
+
+    @classmethod
+    def from_config(cls, config: SurgeConfig, in_features: int, out_features: int, bias: bool = True, **kwargs) -> "PackedSurgeLinear":
+        return cls(in_features, out_features, bias, activation_bits=config.activation_bits, estimator=config.estimator,
+                   base_estimator=config.base_estimator, **kwargs)
+
+    @classmethod
+    @torch.no_grad()
+    def from_surge_linear(cls, layer: SurgeLinear) -> "PackedSurgeLinear":
+        """Pack a trained `SurgeLinear` (its latent weight, bias and input quantizer state)."""
+        packed = cls(layer.in_features, layer.out_features, layer.bias is not None, activation_bits=32,
+                     device=layer.weight.device, dtype=layer.weight.dtype)
+        # The same quantizer (scale, shift, calibration flag and surrogate), detached from the training model.
+        packed.input_quantizer = copy.deepcopy(layer.input_quantizer)
+        signs, scales = weight_signs_and_scales(layer.weight)
+        packed.weight = pack_signs(signs)
+        packed.weight_scale = scales.detach().clone()
+        if layer.bias is not None:
+            packed.bias.data = layer.bias.detach().clone()
+        return packed
+
+    @property
+    def activation_bits(self) -> int:
+        return 32 if self.input_quantizer is None else self.input_quantizer.bits
+
+    def reset_parameters(self) -> None:
+        """Nothing to initialise: the packed weights come from a trained SurgeLinear or a checkpoint."""
+
+    def binary_weight(self) -> torch.Tensor:
+        """The dense `alpha_row * sign` weight the layer multiplies with."""
+        return unpack_binary_weight(self.weight, self.weight_scale, self.in_features, self.weight_scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.binary_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight_bits=1 (packed), activation_bits={self.activation_bits}")
+
+
+class PackedSurgeEmbedding(nn.Module):
+    """The deployed form of `SurgeEmbedding`: rows packed 8 signs per byte plus one scale per row.
+
+    Example:
+        >>> import torch
+        >>> from surge_nlp import PackedSurgeEmbedding, SurgeEmbedding
+        >>> embedding = SurgeEmbedding(10, 16)
+        >>> packed = PackedSurgeEmbedding.from_surge_embedding(embedding)
+        >>> ids = torch.tensor([[1, 2, 9]])
+        >>> bool(torch.equal(packed(ids), embedding(ids)))
+        True
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.register_buffer("weight", torch.zeros(num_embeddings, packed_length(embedding_dim), dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, device=device, dtype=dtype))
+
+    @classmethod
+    @torch.no_grad()
+    def from_surge_embedding(cls, embedding: SurgeEmbedding) -> "PackedSurgeEmbedding":
+        packed = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
+                     device=embedding.weight.device, dtype=embedding.weight.dtype)
+        signs, scales = weight_signs_and_scales(embedding.weight)
+        packed.weight = pack_signs(signs)
+        packed.weight_scale = scales.detach().clone()
+        return packed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return unpack_binary_weight(self.weight[input_ids], self.weight_scale[input_ids], self.embedding_dim, self.weight_scale.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, weight_bits=1 (packed)"

@@ -4,7 +4,12 @@ The quantizer only orchestrates (module swapping lives in `surge_nlp.integration
 - before weights load: swap the encoder linears for `SurgeLinear` on the meta model;
 - after: for a full-precision checkpoint, initialise the SURGE state from the pretrained weights
   (aux weights := latent weights, activation scales calibrated on the first batch). For a
-  checkpoint saved by surge_nlp (pre-quantized) the saved state is kept as loaded.
+  checkpoint saved by surge_nlp (pre-quantized) the saved state is kept as loaded;
+- a pre-quantized checkpoint is validated first and, in the "packed" form, loads into the packed
+  layers; `save_pretrained` writes the form `SurgeConfig.checkpoint_format` names
+  (see `surge_nlp.serialization`);
+- a SurgeConfig passed to `from_pretrained` for a checkpoint that already has one must agree with
+  it (Transformers would only warn and use the saved one).
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoHfQuantizer
 
 from .config import QUANT_METHOD, SurgeConfig
+from .hub import attach_push_to_hub
 from .integration import replace_with_surge_modules, reset_surge_state
+from .serialization import checkpoint_state_dict, pack_model, validate_checkpoint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -35,10 +42,14 @@ class SurgeHfQuantizer(HfQuantizer):
             raise TypeError(f"SurgeHfQuantizer needs a SurgeConfig, got {type(quantization_config).__name__}")
         super().__init__(quantization_config, **kwargs)
 
-    def _process_model_before_weight_loading(self, model: "PreTrainedModel", **kwargs) -> None:
+    def _process_model_before_weight_loading(self, model: "PreTrainedModel", checkpoint_files=None, **kwargs) -> None:
         keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
         replace_with_surge_modules(model, self.quantization_config, keep_fp32)
-        if not self.pre_quantized:
+        if self.pre_quantized:
+            if self.quantization_config.checkpoint_format == "packed":
+                pack_model(model)
+            validate_checkpoint(model, checkpoint_files or [], self.quantization_config)
+        else:
             # A full-precision checkpoint has no SURGE state; it is initialised after loading,
             # so the load report should not list it as missing.
             model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | set(SURGE_STATE_PATTERNS)
@@ -46,7 +57,11 @@ class SurgeHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: "PreTrainedModel", **kwargs) -> "PreTrainedModel":
         if not self.pre_quantized:
             reset_surge_state(model)
+        attach_push_to_hub(model)
         return model
+
+    def get_state_dict_and_metadata(self, model: "PreTrainedModel"):
+        return checkpoint_state_dict(model)
 
     def is_serializable(self) -> bool:
         return True
@@ -72,7 +87,41 @@ def _register(mapping: dict, decorator, cls: type) -> None:
         mapping[QUANT_METHOD] = cls
 
 
+def check_requested_config(saved: dict | SurgeConfig, requested: SurgeConfig) -> None:
+    """Raise when the SurgeConfig passed to `from_pretrained` differs from the checkpoint's."""
+    saved = saved if isinstance(saved, SurgeConfig) else SurgeConfig.from_dict(saved)
+    requested_fields, saved_fields = requested.to_dict(), saved.to_dict()
+    differences = [f"{key}: saved {saved_fields[key]!r}, passed {requested_fields[key]!r}"
+                   for key in saved_fields if saved_fields[key] != requested_fields[key]]
+    if differences:
+        raise ValueError(
+            "the SurgeConfig passed to from_pretrained conflicts with the checkpoint's quantization_config ("
+            + "; ".join(differences) + "): load without quantization_config to use the saved one "
+            "(surge_nlp.set_checkpoint_format changes what a later save writes)"
+        )
+
+
+def _merge_checking_surge(merge):
+    # Transformers' merge only warns and keeps the saved config; the quantizer never sees the one
+    # passed, so the check wraps the merge (for SurgeConfig only; other methods pass through).
+    def merge_quantization_configs(cls, quantization_config, quantization_config_from_args):
+        if isinstance(quantization_config_from_args, SurgeConfig):
+            is_surge = isinstance(quantization_config, SurgeConfig) or (
+                isinstance(quantization_config, dict) and quantization_config.get("quant_method") == QUANT_METHOD)
+            if is_surge:
+                check_requested_config(quantization_config, quantization_config_from_args)
+                # Identical: nothing to warn about.
+                quantization_config_from_args = None
+        return merge(cls, quantization_config, quantization_config_from_args)
+
+    merge_quantization_configs.unchecked = merge
+    return classmethod(merge_quantization_configs)
+
+
 def register() -> None:
     """Register "surge" with Transformers (idempotent; `import surge_nlp` calls it)."""
     _register(AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config, SurgeConfig)
     _register(AUTO_QUANTIZER_MAPPING, register_quantizer, SurgeHfQuantizer)
+    # Wrap Transformers' own merge once; a reloaded surge_nlp re-wraps it with its current classes.
+    merge = AutoHfQuantizer.merge_quantization_configs.__func__
+    AutoHfQuantizer.merge_quantization_configs = _merge_checking_surge(getattr(merge, "unchecked", merge))

@@ -1,0 +1,110 @@
+"""Hugging Face Hub publishing: `push_to_hub` with a generated model card.
+
+`push_to_hub(model, repo_id, ...)` saves through the model's own `save_pretrained` (so the Hub gets
+exactly the checkpoint `surge_nlp.serialization` writes, packed by default), adds a `README.md`
+model card (base model, W-E-A bits, estimator, task, metrics when given, how to load it) and
+uploads the folder with Transformers' Hub client in one commit. SURGE models get it as their
+`model.push_to_hub` method (set by `binarize` and by `from_pretrained`), replacing Transformers'
+generic card with this one.
+
+Example:
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> import surge_nlp
+    >>> model = surge_nlp.binarize(BertForSequenceClassification(BertConfig(hidden_size=32,
+    ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)))
+    >>> card = surge_nlp.hub.model_card(model, metrics={"accuracy": 0.61}, task="rte")
+    >>> "W-E-A bits: 1-32-1" in card and "| accuracy | 0.61 |" in card
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import types
+from typing import Any
+
+from torch import nn
+from transformers.utils import hub as transformers_hub
+
+from .serialization import surge_config_of
+
+LIBRARY_TAGS = ["surge_nlp", "binarized", "1-bit"]
+
+
+def model_card(model: nn.Module, metrics: dict[str, float] | None = None, task: str | None = None,
+               base_model: str | None = None, repo_id: str | None = None, tags: list[str] | None = None) -> str:
+    """The README.md of a SURGE checkpoint (YAML front matter + description + loading snippet).
+
+    `base_model` defaults to the name the model was loaded from; `task` to `config.finetuning_task`;
+    `repo_id` is where the loading snippet points; `tags` are added to the library's own.
+    """
+    config = surge_config_of(model)
+    hf_config = model.config
+    base_model = base_model or getattr(hf_config, "_name_or_path", "") or "unknown"
+    task = task or getattr(hf_config, "finetuning_task", None) or "unknown"
+    architecture = (getattr(hf_config, "architectures", None) or [type(model).__name__])[0]
+    estimator = config.estimator if not config.has_auxiliary_branch else f"{config.estimator} (base {config.base_estimator}, eta {config.eta})"
+    all_tags = LIBRARY_TAGS + [tag for tag in tags or [] if tag not in LIBRARY_TAGS]
+    lines = ["---", "library_name: transformers", "tags:"] + [f"- {tag}" for tag in all_tags]
+    if base_model != "unknown" and not os.path.isabs(base_model):
+        lines.append(f"base_model: {base_model}")
+    lines += ["---", "", f"# {architecture}, binarized with SURGE ({config.bits_label})", ""]
+    lines += [
+        f"- Base model: {base_model}",
+        f"- W-E-A bits: {config.bits_label} (weights, word embeddings, activations)",
+        f"- Estimator: {estimator}",
+        f"- Binarized attention: {config.binarize_attention}",
+        f"- Kept in full precision: {', '.join(config.modules_to_not_convert) or 'nothing'}",
+        f"- Task: {task}",
+        f"- Checkpoint form: {config.checkpoint_format}",
+        "",
+        "## Metrics",
+        "",
+    ]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {name} | {value:.4g} |" for name, value in metrics.items()]
+    else:
+        lines.append("Not measured for this upload.")
+    lines += [
+        "",
+        "## How to load",
+        "",
+        "`surge_nlp` must be imported first: it registers the `surge` quantization method that rebuilds",
+        "the packed 1-bit layers (without it Transformers refuses the packed weights).",
+        "",
+        "```python",
+        "import surge_nlp  # registers quant_method 'surge'",
+        f"from transformers import AutoModel  # or the Auto class of {architecture}",
+        "",
+        f'model = AutoModel.from_pretrained("{repo_id or "path/to/this/checkpoint"}")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def push_to_hub(model: nn.Module, repo_id: str, *, metrics: dict[str, float] | None = None, task: str | None = None,
+                base_model: str | None = None, commit_message: str | None = None, commit_description: str | None = None,
+                private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                create_pr: bool = False, max_shard_size: int | str | None = "50GB", tags: list[str] | None = None) -> Any:
+    """Upload `model.save_pretrained`'s files plus a SURGE model card to `repo_id` (one commit).
+
+    Same arguments as Transformers' `push_to_hub`, plus the model card's `metrics`, `task` and
+    `base_model`. Returns the Hub client's commit info.
+    """
+    repo_id = transformers_hub.hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    card = model_card(model, metrics=metrics, task=task, base_model=base_model, repo_id=repo_id, tags=tags)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory, max_shard_size=max_shard_size)
+        with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(card)
+        return model._upload_modified_files(
+            directory, repo_id, files_timestamps={}, commit_message=commit_message, token=token,
+            create_pr=create_pr, revision=revision, commit_description=commit_description,
+        )
+
+
+def attach_push_to_hub(model: nn.Module) -> None:
+    """Make `model.push_to_hub(...)` this module's `push_to_hub` (card included) for a SURGE model."""
+    model.push_to_hub = types.MethodType(push_to_hub, model)
