@@ -8,13 +8,17 @@ Example:
     >>> surge_nlp.summary(model)  # doctest: +SKIP
 """
 
+from . import hub
 from .attention import AttentionQuantizers
 from .binarize import binarize
 from .compensator import GradientCompensator
 from .config import SurgeConfig
+from .deploy import BinaryLinear, deploy
+from .hub import push_to_hub
 from .integration import set_training_progress, surge_linears
-from .layers import SurgeEmbedding, SurgeLinear
+from .layers import PackedSurgeEmbedding, PackedSurgeLinear, SurgeEmbedding, SurgeLinear
 from .quantizer import SurgeHfQuantizer, register
+from .serialization import CheckpointError, pack_model, set_checkpoint_format
 from .summary import summary
 
 register()
@@ -23,13 +27,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionQuantizers",
+    "BinaryLinear",
+    "CheckpointError",
     "GradientCompensator",
+    "PackedSurgeEmbedding",
+    "PackedSurgeLinear",
     "SurgeConfig",
     "SurgeEmbedding",
     "SurgeHfQuantizer",
     "SurgeLinear",
     "binarize",
+    "deploy",
+    "pack_model",
+    "push_to_hub",
     "register",
+    "set_checkpoint_format",
     "set_training_progress",
     "summary",
     "surge_linears",

@@ -2,14 +2,17 @@
 
 Counts what the deployed model holds: each binarized weight at 1 bit, every other parameter at
 32 bits (its per-channel scales and the activation scales/shifts included). Training-only state
-(DPGC auxiliary weights) is not part of the deployed model and is excluded.
+(DPGC auxiliary weights) is not part of the deployed model and is excluded. Binarized rows are
+stored as the packed checkpoint stores them (`ceil(columns / 8)` bytes per row), so for a model
+reloaded from a packed checkpoint `deployed_bytes` is the file's tensor data, less the quantizers'
+one-byte `initialized` flags.
 
 Example:
     >>> from transformers import BertConfig, BertForSequenceClassification
     >>> import surge_nlp
     >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1,
     ...     num_attention_heads=2, intermediate_size=64, vocab_size=100))
-    >>> report = surge_nlp.summary(surge_nlp.binarize(model, surge_nlp.SurgeConfig()))
+    >>> report = surge_nlp.summary(surge_nlp.binarize(model, surge_nlp.SurgeConfig()), print_fn=None)
     >>> report.totals["binarized_layers"]
     6
 """
@@ -21,9 +24,11 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from .attention import AttentionQuantizers
-from .layers import SurgeEmbedding, SurgeLinear
+from .deploy import BinaryLinear, runs_on_binary_kernels
+from .layers import PackedSurgeEmbedding, PackedSurgeLinear, SurgeEmbedding, SurgeLinear
+from .packing import packed_length
 
-_TRAINING_ONLY = ("aux_weight",)
+_TRAINING_ONLY = ("aux_weight", "aux_u", "aux_v")
 
 
 @dataclass
@@ -36,6 +41,7 @@ class LayerSummary:
     params_32bit: int
     memory_bytes: int
     macs_per_token: int
+    engine: str = "simulated"  # "binary kernel" once surge_nlp.deploy runs it on XOR/popcount
 
 
 @dataclass
@@ -47,17 +53,18 @@ class ModelSummary:
         return {"layers": [asdict(layer) for layer in self.layers], "totals": dict(self.totals)}
 
     def __str__(self) -> str:
-        header = f"{'layer':<48} {'W':>3} {'A':>3} {'1-bit params':>13} {'32-bit params':>14} {'memory KiB':>11}"
+        header = f"{'layer':<48} {'W':>3} {'A':>3} {'1-bit params':>13} {'32-bit params':>14} {'memory KiB':>11}  engine"
         lines = [header, "-" * len(header)]
         for layer in self.layers:
             lines.append(
                 f"{layer.name:<48} {layer.weight_bits:>3} {layer.input_bits:>3} {layer.params_1bit:>13,} "
-                f"{layer.params_32bit:>14,} {layer.memory_bytes / 1024:>11.1f}"
+                f"{layer.params_32bit:>14,} {layer.memory_bytes / 1024:>11.1f}  {layer.engine}"
             )
         t = self.totals
         lines += [
             "-" * len(header),
             f"binarized layers:          {t['binarized_layers']}",
+            f"on binary kernels:         {t['kernel_layers']} layers, {t['kernel_attention_modules']} attention modules",
             f"1-bit parameters:          {t['params_1bit']:,}",
             f"32-bit parameters:         {t['params_32bit']:,}",
             f"deployed size:             {t['deployed_bytes'] / 2**20:.2f} MiB ({t['deployed_bytes']:,} bytes)",
@@ -79,20 +86,30 @@ def summary(model: nn.Module, seq_len: int = 128, print_fn=print) -> ModelSummar
     """
     layers: list[LayerSummary] = []
     binarized_ids: set[int] = set()
+    packed_fp32_bytes = 0  # packed weights are buffers, not parameters: count their FP32 size here
     for name, module in model.named_modules():
-        if isinstance(module, SurgeLinear):
-            ones = module.weight.numel()
+        if isinstance(module, (SurgeLinear, PackedSurgeLinear)):
+            ones = module.in_features * module.out_features
             # 32-bit: bias, one weight scale per output row, the input quantizer's alpha and beta.
             fp = (module.bias.numel() if module.bias is not None else 0) + module.out_features
             fp += _own_params(module.input_quantizer) if module.input_quantizer is not None else 0
-            macs = module.in_features * module.out_features
-            layers.append(LayerSummary(name, "SurgeLinear", 1, module.activation_bits, ones, fp, (ones + 7) // 8 + 4 * fp, macs))
-        elif isinstance(module, SurgeEmbedding):
-            ones = module.weight.numel()
+            packed_bytes = module.out_features * packed_length(module.in_features)
+            layers.append(LayerSummary(name, "SurgeLinear", 1, module.activation_bits, ones, fp, packed_bytes + 4 * fp, ones))
+        elif isinstance(module, BinaryLinear):
+            ones = module.in_features * module.out_features
+            # 32-bit: bias, weight scales, the input alpha and beta (every buffer but the packed words)
+            fp = sum(b.numel() for n, b in module.named_buffers() if n != "packed_weight")
+            packed_bytes = module.out_features * packed_length(module.in_features)
+            layers.append(LayerSummary(name, "BinaryLinear", 1, 1, ones, fp, packed_bytes + 4 * fp, ones, "binary kernel"))
+        elif isinstance(module, (SurgeEmbedding, PackedSurgeEmbedding)):
+            ones = module.num_embeddings * module.embedding_dim
             fp = module.num_embeddings  # one scale per row
-            layers.append(LayerSummary(name, "SurgeEmbedding", 1, 32, ones, fp, (ones + 7) // 8 + 4 * fp, 0))
+            packed_bytes = module.num_embeddings * packed_length(module.embedding_dim)
+            layers.append(LayerSummary(name, "SurgeEmbedding", 1, 32, ones, fp, packed_bytes + 4 * fp, 0))
         else:
             continue
+        if isinstance(module, (PackedSurgeLinear, PackedSurgeEmbedding, BinaryLinear)):
+            packed_fp32_bytes += 4 * ones
         binarized_ids.update(id(p) for p in module.parameters())
 
     params_1bit = sum(layer.params_1bit for layer in layers)
@@ -101,10 +118,12 @@ def summary(model: nn.Module, seq_len: int = 128, print_fn=print) -> ModelSummar
     )
     params_32bit = sum(layer.params_32bit for layer in layers) + other_fp
     deployed = sum(layer.memory_bytes for layer in layers) + 4 * other_fp
-    fp32 = 4 * sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] not in _TRAINING_ONLY and "quantizer" not in n and "surge_attention" not in n)
+    fp32 = packed_fp32_bytes + 4 * sum(
+        p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] not in _TRAINING_ONLY and "quantizer" not in n and "surge_attention" not in n
+    )
 
-    binary_macs = sum(layer.macs_per_token for layer in layers if layer.kind == "SurgeLinear" and layer.input_bits == 1)
-    all_linear_macs = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    binary_macs = sum(layer.macs_per_token for layer in layers if layer.kind in ("SurgeLinear", "BinaryLinear") and layer.input_bits == 1)
+    all_linear_macs = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (nn.Linear, PackedSurgeLinear, BinaryLinear)))
     attention_macs = 0
     for module in model.modules():
         if isinstance(module, AttentionQuantizers):
@@ -119,6 +138,10 @@ def summary(model: nn.Module, seq_len: int = 128, print_fn=print) -> ModelSummar
     total_macs = (all_linear_macs + attention_macs) * seq_len
     totals = {
         "binarized_layers": len(layers),
+        "kernel_layers": sum(layer.engine == "binary kernel" for layer in layers),
+        "kernel_attention_modules": sum(
+            runs_on_binary_kernels(model, m) for m in model.modules() if isinstance(m, AttentionQuantizers)
+        ),
         "params_1bit": params_1bit,
         "params_32bit": params_32bit,
         "deployed_bytes": deployed,

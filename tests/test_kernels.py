@@ -1,0 +1,369 @@
+"""Binary kernels and `deploy`: packed XOR/AND-popcount products against independent float
+computations, deployed models against the simulated ones, the no-compiler fallback, and summary."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import surge_nlp
+from surge_nlp.deploy import BINARY_ATTENTION_IMPLEMENTATION, BinaryLinear, deploy
+from surge_nlp.kernels import ops
+from surge_nlp.layers import PackedSurgeEmbedding, PackedSurgeLinear, SurgeLinear
+
+from .conftest import tiny_config
+
+pytestmark = pytest.mark.skipif(not ops.available(), reason=f"binary kernels unavailable: {ops.unavailable_reason()}")
+
+# K values around the word size: single bits, one short of a word, exact words, padding bits.
+REDUCTION_LENGTHS = (1, 7, 63, 64, 65, 130, 257, 520)
+
+
+def _unpack(words: torch.Tensor, k: int) -> torch.Tensor:
+    """Independent unpacking: bit j of word w -> element 64 w + j, as bool."""
+    shifts = torch.arange(64)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*words.shape[:-1], -1)[..., :k].bool(), bits.reshape(*words.shape[:-1], -1)[..., k:]
+
+
+def _signs(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, 1.0, -1.0).double()
+
+
+@pytest.fixture(params=["generic", "avx2", "avx512_vpopcntdq"])
+def variant(request):
+    if request.param not in ops.supported_variants():
+        pytest.skip(f"{request.param} kernels not supported by this CPU")
+    with ops.use_variant(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("k", REDUCTION_LENGTHS)
+def test_pack_signs_matches_quantizer_bits_and_zeroes_padding(variant, k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(3, 5, k, generator=g)
+    x[0, 0, 0] = 0.25  # exactly beta below: (x - beta) / alpha == 0 counts as +1
+    beta = torch.randn(k, generator=g) * 0.3
+    beta[0] = 0.25
+    bits, padding = _unpack(ops.pack_signs(x, beta, 0.7), k)
+    assert torch.equal(bits, (x - beta) / 0.7 >= 0)
+    assert bits[0, 0, 0]
+    assert not padding.any()
+
+
+def test_pack_signs_reads_strided_inputs_and_broadcast_shifts(variant):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 70, 3, 33, generator=g).transpose(1, 2)  # (B, H, T, d) view, as attention gets it
+    beta = torch.randn(3, 1, 33, generator=g)
+    bits, _ = _unpack(ops.pack_signs(x, beta, 1.3), 33)
+    assert torch.equal(bits, (x - beta) / 1.3 >= 0)
+    along_tokens, _ = _unpack(ops.pack_signs(x.transpose(2, 3), beta.transpose(1, 2), 1.3), 70)
+    assert torch.equal(along_tokens, ((x - beta) / 1.3 >= 0).transpose(2, 3))
+
+
+@pytest.mark.parametrize("k", REDUCTION_LENGTHS)
+def test_xor_matmul_equals_float_product_of_signs_with_scales(variant, k):
+    g = torch.Generator().manual_seed(100 + k)
+    m, n = 19, 70  # not multiples of the 16 x 64 tiles nor of the 4-row micro-kernel
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    col_scale, bias = torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
+    zero = torch.zeros(k)
+    out = ops.binary_matmul(ops.pack_signs(x, zero, 1.0), ops.pack_signs(w, zero, 1.0), k, ops.XOR, 0.5, col_scale, bias)
+    expected = 0.5 * (_signs(x) @ _signs(w).T) * col_scale.double() + bias.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-5)
+    integer = ops.binary_matmul(ops.pack_signs(x, zero, 1.0), ops.pack_signs(w, zero, 1.0), k)
+    assert torch.equal(integer.double(), _signs(x) @ _signs(w).T)
+
+
+@pytest.mark.parametrize("k", (5, 64, 128, 200))
+def test_and_matmul_sums_signed_values_over_selected_positions(variant, k):
+    g = torch.Generator().manual_seed(200 + k)
+    p = torch.rand(2, 3, 9, k, generator=g)  # selected where p > 0.5
+    v = torch.randn(2, 3, 11, k, generator=g)
+    p_bits = ops.pack_probs(p, 0.0, 1.0)
+    v_bits = ops.pack_signs(v, torch.zeros(k), 1.0)
+    out = ops.binary_matmul(p_bits, v_bits, k, ops.AND, 2.0)
+    expected = 2.0 * (p > 0.5).double() @ _signs(v).transpose(-1, -2)
+    assert torch.equal(out.double(), expected)
+
+
+def test_matmul_writes_into_strided_output(variant):
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 3, 8, 40, generator=g), torch.randn(2, 3, 5, 40, generator=g)
+    zero = torch.zeros(40)
+    storage = torch.full((2, 8, 3, 5), float("nan"))  # (B, T, H, d): what attention returns
+    ops.binary_matmul(ops.pack_signs(a, zero, 1.0), ops.pack_signs(b, zero, 1.0), 40, out=storage.transpose(1, 2))
+    assert torch.equal(storage.transpose(1, 2).double(), _signs(a) @ _signs(b).transpose(-1, -2))
+
+
+def test_matmul_reads_strided_packed_rows(variant):
+    # One-word rows taken from wider packed rows: row stride 2 words, the kernel's gathered path.
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(9, 128, generator=g), torch.randn(13, 128, generator=g)
+    zero = torch.zeros(128)
+    a_words, b_words = ops.pack_signs(a, zero, 1.0)[:, :1], ops.pack_signs(b, zero, 1.0)[:, :1]
+    assert b_words.stride() == (2, 1)
+    out = ops.binary_matmul(a_words, b_words, 64)
+    assert torch.equal(out.double(), _signs(a[:, :64]) @ _signs(b[:, :64]).T)
+
+
+def test_pack_probs_rounds_half_down_and_clears_masked_keys(variant):
+    p = torch.tensor([[0.3, 0.5, 0.5000001, 0.9, 0.9, 0.0]])
+    mask = torch.tensor([[0.0, 0.0, 0.0, 0.0, torch.finfo(torch.float32).min, 0.0]])
+    bits, padding = _unpack(ops.pack_probs(p, -0.1, 1.2, mask), 6)
+    quantized = torch.round(torch.clamp((p + 0.1) / 1.2, 0, 1)).bool() & (mask > torch.finfo(torch.float32).min / 2)
+    assert torch.equal(bits, quantized)
+    # (0.5 + 0.1) / 1.2 == 0.5 exactly rounds to 0; a hair above rounds to 1; the masked 0.9 is cleared
+    assert bits.tolist() == [[False, False, True, True, False, False]]
+    assert not padding.any()
+
+
+def test_large_products_use_threads_and_agree_with_one_thread():
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(256, 768, generator=g), torch.randn(512, 768, generator=g)
+    zero = torch.zeros(768)
+    a, b = ops.pack_signs(x, zero, 1.0), ops.pack_signs(w, zero, 1.0)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ops.binary_matmul(a, b, 768)
+        torch.set_num_threads(max(2, previous))
+        multi = ops.binary_matmul(a, b, 768)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(single, multi)
+    assert torch.equal(single.double(), _signs(x) @ _signs(w).T)
+
+
+def test_kernel_argument_errors():
+    zero = torch.zeros(10)
+    a = ops.pack_signs(torch.randn(2, 10), zero, 1.0)
+    with pytest.raises(TypeError, match="float32"):
+        ops.pack_signs(torch.randn(2, 10, dtype=torch.float64), zero, 1.0)
+    with pytest.raises(ValueError, match="k=65 needs 2 words"):
+        ops.binary_matmul(a, a, k=65)
+    with pytest.raises(ValueError, match="do not match"):
+        ops.binary_matmul(a, a.unsqueeze(0), k=10)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        ops.pack_signs(torch.randn(2, 10), torch.zeros(3), 1.0)
+    with pytest.raises(ValueError, match="col_scale"):
+        ops.binary_matmul(a, a, k=10, col_scale=torch.ones(3))
+    with pytest.raises(ValueError, match="allowed values"):
+        with ops.use_variant("neon"):
+            pass
+
+
+# ---------------------------------------------------------------- deployed models
+
+
+def _calibrated_tiny(seed: int = 0, num_hidden_layers: int = 2, family: str = "bert", **surge) -> tuple[torch.nn.Module, dict]:
+    """A tiny binarized model with calibrated quantizers and non-zero shifts, and a padded batch.
+
+    The shifts are randomised as training would leave them: with every beta and bias exactly 0 (a
+    fresh random model), products that are exactly 0 in exact arithmetic come out of the FP32
+    matmul as +-1 ulp residues whose sign the next quantizer reads, so the simulated model itself
+    is rounding-dependent there, while the kernels compute the exact 0 (sign +1).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    sizes = {} if family == "distilbert" else dict(hidden_size=96, num_attention_heads=3, intermediate_size=130,
+                                                   num_hidden_layers=num_hidden_layers)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family, **sizes))
+    model = surge_nlp.binarize(model, surge_nlp.SurgeConfig(**surge)).eval()
+    g = torch.Generator().manual_seed(seed)
+    batch = {"input_ids": torch.randint(3, 120, (3, 40), generator=g), "attention_mask": torch.ones(3, 40, dtype=torch.long)}
+    batch["attention_mask"][1, 25:] = 0
+    batch["attention_mask"][2, 6:] = 0
+    with torch.no_grad():
+        model(**batch)  # calibrates every alpha on this batch
+        for name, parameter in model.named_parameters():
+            if name.endswith("beta"):
+                parameter.normal_(0.0, 0.05, generator=g)
+    return model, batch
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _assert_same_logits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_deployed_model_matches_simulated_logits_on_binary_kernels(family):
+    model, batch = _calibrated_tiny(family=family, embedding_bits=1)
+    expected = _logits(model, batch)
+    fast = deploy(copy.deepcopy(model))
+    kernel_layers = [m for m in fast.modules() if isinstance(m, BinaryLinear)]
+    assert len(kernel_layers) == 12 and not any(isinstance(m, SurgeLinear) for m in fast.modules())
+    assert fast.config._attn_implementation == BINARY_ATTENTION_IMPLEMENTATION
+    assert isinstance(fast.get_input_embeddings(), PackedSurgeEmbedding)
+    _assert_same_logits(_logits(fast, batch), expected)
+    # Every hidden state, not only the logits: the kernels reproduce each layer.
+    with torch.no_grad():
+        simulated = model(**batch, output_hidden_states=True).hidden_states
+        deployed = fast(**batch, output_hidden_states=True).hidden_states
+    for reference, actual in zip(simulated, deployed):
+        torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_binary_attention_matches_simulated_attention_alone():
+    model, batch = _calibrated_tiny(seed=1, num_hidden_layers=1)
+    expected = _logits(model, batch)
+    surge_nlp.deploy(model)
+    for name, module in model.named_modules():  # linears back to the simulated path: attention is what is tested
+        if isinstance(module, BinaryLinear):
+            model.set_submodule(name, _SimulatedLinear(module))
+    _assert_same_logits(_logits(model, batch), expected)
+
+
+class _SimulatedLinear(torch.nn.Module):
+    """Float evaluation of a BinaryLinear's buffers (independent of the kernels)."""
+
+    def __init__(self, layer: BinaryLinear) -> None:
+        super().__init__()
+        self.layer = layer
+        bits, _ = _unpack(layer.packed_weight, layer.in_features)
+        self.weight = torch.where(bits, 1.0, -1.0) * layer.weight_scale[:, None]
+
+    def forward(self, x):
+        alpha = self.layer.input_scale
+        signs = torch.where((x - self.layer.input_shift) / alpha >= 0, 1.0, -1.0)
+        return torch.nn.functional.linear(alpha * signs, self.weight, self.layer.bias)
+
+
+def test_deploy_from_packed_checkpoint_form():
+    from surge_nlp.serialization import pack_model
+
+    model, batch = _calibrated_tiny(seed=2, embedding_bits=1)
+    expected = _logits(model, batch)
+    packed = pack_model(copy.deepcopy(model))
+    assert any(isinstance(m, PackedSurgeLinear) for m in packed.modules())
+    fast = deploy(packed)
+    assert not any(isinstance(m, PackedSurgeLinear) for m in fast.modules())
+    assert sum(isinstance(m, BinaryLinear) for m in fast.modules()) == 12
+    _assert_same_logits(_logits(fast, batch), expected)
+
+
+def test_deployed_model_saves_a_packed_checkpoint_that_deploys_again(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model, batch = _calibrated_tiny(seed=6, embedding_bits=1)
+    fast = deploy(model)
+    expected = _logits(fast, batch)
+    fast.save_pretrained(tmp_path / "deployed")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "deployed").eval()
+    assert isinstance(reloaded.bert.encoder.layer[0].attention.self.query, PackedSurgeLinear)
+    _assert_same_logits(_logits(reloaded, batch), expected)  # the packed model on the simulated path
+    assert torch.equal(_logits(deploy(reloaded), batch), expected)
+
+
+def test_binary_linear_state_dict_round_trip_and_shape_error():
+    model, _ = _calibrated_tiny(seed=7, num_hidden_layers=1)
+    layer = deploy(model).bert.encoder.layer[0].intermediate.dense
+    state = layer.state_dict()
+    assert state["weight"].dtype == torch.uint8 and tuple(state["weight"].shape) == (130, 12)
+    copy_of = BinaryLinear(96, 130, torch.zeros(130, 2, dtype=torch.int64), torch.ones(130), torch.zeros(130),
+                           torch.ones(()), torch.zeros(96))
+    copy_of.load_state_dict(state)
+    x = torch.randn(4, 96)
+    assert torch.equal(copy_of(x), layer(x))
+    state["weight"] = state["weight"][:, :5]
+    with pytest.raises(RuntimeError, match="expected uint8"):
+        copy_of.load_state_dict(state)
+
+
+def test_multibit_activations_stay_simulated_and_summary_says_so():
+    model, batch = _calibrated_tiny(seed=3, activation_bits=2)
+    expected = _logits(model, batch)
+    fast = deploy(model)
+    assert not any(isinstance(m, BinaryLinear) for m in fast.modules())
+    assert fast.config._attn_implementation == "surge"
+    _assert_same_logits(_logits(fast, batch), expected)
+    report = surge_nlp.summary(fast, print_fn=None)
+    assert {layer.engine for layer in report.layers} == {"simulated"}
+    assert report.totals["kernel_layers"] == 0 and report.totals["kernel_attention_modules"] == 0
+
+
+def test_summary_reports_layers_on_binary_kernels():
+    model, _ = _calibrated_tiny(seed=4)
+    before = surge_nlp.summary(model, print_fn=None)
+    assert before.totals["kernel_layers"] == 0
+    fast = deploy(model)
+    report = surge_nlp.summary(fast, print_fn=None)
+    engines = {layer.name: layer.engine for layer in report.layers}
+    assert engines["bert.encoder.layer.0.attention.self.query"] == "binary kernel"
+    assert report.totals["kernel_layers"] == 12 and report.totals["kernel_attention_modules"] == 2
+    assert report.totals["params_1bit"] == before.totals["params_1bit"]
+    assert "binary kernel" in str(report)
+
+
+def test_deploy_refuses_uncalibrated_quantizers():
+    from transformers import BertForSequenceClassification
+
+    model = surge_nlp.binarize(BertForSequenceClassification(tiny_config()), surge_nlp.SurgeConfig())
+    with pytest.raises(ValueError, match="not calibrated"):
+        deploy(model)
+
+
+def test_without_compiler_the_model_runs_simulated_with_one_notice(monkeypatch, tmp_path):
+    model, batch = _calibrated_tiny(seed=5)
+    expected = _logits(model, batch)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SURGE_NLP_KERNEL_CACHE", str(tmp_path / "cache"))  # no cached library to fall back on
+    ops.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="binary kernels unavailable .*no-such-compiler.*simulated path") as caught:
+            fast = deploy(model)
+            deploy(copy.deepcopy(model))  # the notice is shown once
+        assert len([w for w in caught if "binary kernels" in str(w.message)]) == 1
+        assert "\n" not in str(caught[0].message)
+        assert not ops.available()
+        assert any(isinstance(m, SurgeLinear) for m in fast.modules())
+        _assert_same_logits(_logits(fast, batch), expected)
+        assert surge_nlp.summary(fast, print_fn=None).totals["kernel_layers"] == 0
+    finally:
+        monkeypatch.undo()
+        ops.reset()
+    assert ops.available()
+
+
+def test_disable_switch_keeps_the_simulated_path(monkeypatch):
+    monkeypatch.setenv("SURGE_NLP_DISABLE_KERNELS", "1")
+    ops.reset()
+    try:
+        assert not ops.available() and "SURGE_NLP_DISABLE_KERNELS" in ops.unavailable_reason()
+    finally:
+        monkeypatch.undo()
+        ops.reset()
+
+
+def test_build_failure_message_names_the_compiler_error(monkeypatch, tmp_path):
+    from surge_nlp.kernels import build
+
+    fake = tmp_path / "fake-cc"
+    fake.write_text("#!/bin/sh\necho 'fatal: broken toolchain' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("SURGE_NLP_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(build.KernelBuildError, match="broken toolchain"):
+        build.build_library()
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written library left behind
+
+
+def test_compiler_without_openmp_still_builds_single_threaded_kernels(monkeypatch, tmp_path):
+    from surge_nlp.kernels import build
+
+    no_openmp = tmp_path / "cc-without-openmp"
+    no_openmp.write_text('#!/bin/sh\nfor arg in "$@"; do [ "$arg" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')
+    no_openmp.chmod(0o755)
+    monkeypatch.setenv("CC", str(no_openmp))
+    monkeypatch.setenv("SURGE_NLP_KERNEL_CACHE", str(tmp_path / "cache"))
+    path = build.build_library()
+    assert path.exists() and path.parent == tmp_path / "cache"
+    assert "omp_" not in path.read_bytes().decode("latin-1")  # no OpenMP runtime referenced
