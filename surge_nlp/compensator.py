@@ -67,6 +67,27 @@ class _AuxiliaryBranch(torch.autograd.Function):
         return grad_y, grad_x, grad_w
 
 
+class _LowRankAuxiliaryBranch(torch.autograd.Function):
+    """As `_AuxiliaryBranch` with `W_a = U V` (rank r): `g_a = (g_y U) V`, and the factors' gradients
+    `g_y^T (x_a V^T)` and `(g_y U)^T x_a`. Costs O(tokens * r * (in + out)) instead of O(tokens * in * out)."""
+
+    @staticmethod
+    def forward(ctx, y_binary: torch.Tensor, x_auxiliary: torch.Tensor, aux_u: torch.Tensor, aux_v: torch.Tensor):
+        ctx.save_for_backward(x_auxiliary, aux_u, aux_v)
+        return y_binary.view_as(y_binary)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x_auxiliary, aux_u, aux_v = ctx.saved_tensors
+        grad_y_2d = grad_y.reshape(-1, grad_y.shape[-1]).to(x_auxiliary.dtype)
+        x_2d = x_auxiliary.reshape(-1, x_auxiliary.shape[-1])
+        projected = grad_y_2d @ aux_u.to(grad_y_2d.dtype)  # g_y U: tokens x r
+        grad_x = (projected @ aux_v.to(grad_y_2d.dtype)).reshape(x_auxiliary.shape).to(grad_y.dtype)
+        grad_u = (grad_y_2d.t() @ (x_2d @ aux_v.to(x_2d.dtype).t())).to(aux_u.dtype)
+        grad_v = (projected.t() @ x_2d).to(aux_v.dtype)
+        return grad_y, grad_x, grad_u, grad_v
+
+
 class GradientCompensator(nn.Module):
     """DPGC fork and gradient combination for one layer; `last_lambda` is the latest lambda used."""
 
@@ -89,9 +110,13 @@ class GradientCompensator(nn.Module):
         """(x_b, x_a): two handles on x whose gradients meet again in `combine`."""
         return _DualPathFork.apply(x, self)
 
-    def attach_auxiliary_branch(self, y_binary: torch.Tensor, x_auxiliary: torch.Tensor, aux_weight: torch.Tensor) -> torch.Tensor:
-        """`y_b + f_a(x_a) - stopgrad(f_a(x_a))` with `f_a(x) = x @ aux_weight.T`, computed exactly as `y_b`."""
-        return _AuxiliaryBranch.apply(y_binary, x_auxiliary, aux_weight)
+    def attach_auxiliary_branch(self, y_binary: torch.Tensor, x_auxiliary: torch.Tensor, *aux_factors: torch.Tensor) -> torch.Tensor:
+        """`y_b + f_a(x_a) - stopgrad(f_a(x_a))` with `f_a(x) = x @ W_a.T`, computed exactly as `y_b`.
+
+        `aux_factors` is `(W_a,)` (full rank) or `(U, V)` with `W_a = U @ V` (low rank)."""
+        if len(aux_factors) == 1:
+            return _AuxiliaryBranch.apply(y_binary, x_auxiliary, *aux_factors)
+        return _LowRankAuxiliaryBranch.apply(y_binary, x_auxiliary, *aux_factors)
 
     def scale(self, grad_binary: torch.Tensor, grad_auxiliary: torch.Tensor) -> torch.Tensor:
         """lambda for this step, as a 0-dim tensor (fixed eta for DPGC, AGS for SURGE)."""

@@ -52,6 +52,10 @@ class SurgeConfig(QuantizationConfigMixin):
             "dpgc" (auxiliary FP branch, fixed lambda = eta) and "surge" (DPGC + Adaptive Gradient Scaler).
         base_estimator: surrogate of the binary branch under "dpgc"/"surge" (one of the first four).
         eta: AGS base coefficient under "surge"; the fixed lambda under "dpgc". Must be > 0.
+        aux_rank: None (default) for SURGE's full-rank auxiliary branch, or a rank r >= 1 for a
+            low-rank one, `W_a = U V` initialised from the truncated SVD of the pretrained weight:
+            r * (in + out) auxiliary parameters instead of in * out, and a cheaper backward.
+            Only with estimator "dpgc" or "surge".
         binarize_attention: also quantize Q, K, V and the attention probabilities, so that every matmul
             of the encoder runs on quantized operands (BiT); requires activation_bits < 32.
         modules_to_not_convert: module names (or dotted suffixes/prefixes) kept in full precision.
@@ -70,6 +74,7 @@ class SurgeConfig(QuantizationConfigMixin):
     base_estimator: str = "clipped_ste"
     eta: float = 0.5
     binarize_attention: bool = True
+    aux_rank: int | None = None
     modules_to_not_convert: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES_TO_NOT_CONVERT))
     checkpoint_format: str = "packed"
     quant_method: str = QUANT_METHOD
@@ -91,6 +96,12 @@ class SurgeConfig(QuantizationConfigMixin):
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not self.eta > 0:
             raise ValueError(f"SurgeConfig.eta={self.eta!r} is invalid; allowed values: a number > 0")
         self.eta = float(self.eta)
+        if self.aux_rank is not None:
+            if isinstance(self.aux_rank, bool) or not isinstance(self.aux_rank, int) or self.aux_rank < 1:
+                raise ValueError(f"SurgeConfig.aux_rank={self.aux_rank!r} is invalid; allowed values: None (full rank) or an integer >= 1")
+            if not self.has_auxiliary_branch:
+                raise ValueError(f"SurgeConfig.aux_rank={self.aux_rank!r} only applies with estimator in {COMPENSATED_ESTIMATORS}; "
+                                 f"with estimator={self.estimator!r} leave it None")
         if not isinstance(self.binarize_attention, bool):
             raise ValueError(f"SurgeConfig.binarize_attention={self.binarize_attention!r} is invalid; allowed values: True, False")
         if self.binarize_attention and self.activation_bits == 32:

@@ -55,17 +55,19 @@ class SurgeLinear(nn.Linear):
         estimator: str = "surge",
         base_estimator: str = "clipped_ste",
         eta: float = 0.5,
+        aux_rank: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.input_quantizer = _input_quantizer(activation_bits, estimator, base_estimator, in_features, device, dtype)
-        if estimator in COMPENSATED_ESTIMATORS:
-            self.compensator = GradientCompensator(mode=estimator, eta=eta)
-            self.aux_weight = nn.Parameter(torch.empty_like(self.weight))
-        else:
-            self.compensator = None
-            self.register_parameter("aux_weight", None)
+        self.compensator = GradientCompensator(mode=estimator, eta=eta) if estimator in COMPENSATED_ESTIMATORS else None
+        full_rank = self.compensator is not None and aux_rank is None
+        low_rank = self.compensator is not None and aux_rank is not None
+        # Full-rank DPGC: W_a (out x in). Low rank: W_a = aux_u @ aux_v, (out x r)(r x in).
+        self.aux_weight = nn.Parameter(torch.empty_like(self.weight)) if full_rank else None
+        self.aux_u = nn.Parameter(torch.empty(out_features, aux_rank, device=device, dtype=dtype)) if low_rank else None
+        self.aux_v = nn.Parameter(torch.empty(aux_rank, in_features, device=device, dtype=dtype)) if low_rank else None
 
     @classmethod
     def from_config(cls, config: SurgeConfig, in_features: int, out_features: int, bias: bool = True, **kwargs) -> "SurgeLinear":
@@ -77,6 +79,7 @@ class SurgeLinear(nn.Linear):
             estimator=config.estimator,
             base_estimator=config.base_estimator,
             eta=config.eta,
+            aux_rank=config.aux_rank,
             **kwargs,
         )
 
@@ -89,11 +92,27 @@ class SurgeLinear(nn.Linear):
         """The compensator's lambda at the latest backward (None without one, or before any)."""
         return None if self.compensator is None else self.compensator.last_lambda
 
+    @property
+    def aux_rank(self) -> int | None:
+        """Rank of the low-rank auxiliary branch (None: full rank or no auxiliary branch)."""
+        return None if self.aux_u is None else self.aux_u.shape[1]
+
     @torch.no_grad()
-    def reset_surge_state(self) -> None:
-        """After loading pretrained weights: aux weight := latent weight, quantizer un-calibrated."""
+    def init_auxiliary_from_weight(self) -> None:
+        """W_a := the latent weight; low rank: its best rank-r approximation (truncated SVD),
+        split evenly as `aux_u = U_r sqrt(S_r)`, `aux_v = sqrt(S_r) V_r^T`."""
         if self.aux_weight is not None:
             self.aux_weight.copy_(self.weight)
+        elif self.aux_u is not None:
+            u, s, vh = torch.linalg.svd(self.weight.float(), full_matrices=False)
+            root = s[: self.aux_rank].sqrt()
+            self.aux_u.copy_(u[:, : self.aux_rank] * root)
+            self.aux_v.copy_(root[:, None] * vh[: self.aux_rank])
+
+    @torch.no_grad()
+    def reset_surge_state(self) -> None:
+        """After loading pretrained weights: auxiliary branch from the latent weight, quantizer un-calibrated."""
+        self.init_auxiliary_from_weight()
         if self.input_quantizer is not None:
             self.input_quantizer.reset_parameters()
 
@@ -107,10 +126,12 @@ class SurgeLinear(nn.Linear):
         if self.compensator is None or not self.training or not torch.is_grad_enabled():
             return self.binary_forward(x)
         x_binary, x_auxiliary = self.compensator.fork(x)
-        return self.compensator.attach_auxiliary_branch(self.binary_forward(x_binary), x_auxiliary, self.aux_weight)
+        factors = (self.aux_weight,) if self.aux_weight is not None else (self.aux_u, self.aux_v)
+        return self.compensator.attach_auxiliary_branch(self.binary_forward(x_binary), x_auxiliary, *factors)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weight_bits=1, activation_bits={self.activation_bits}"
+        rank = f", aux_rank={self.aux_rank}" if self.aux_rank is not None else ""
+        return f"{super().extra_repr()}, weight_bits=1, activation_bits={self.activation_bits}{rank}"
 
 
 class SurgeEmbedding(nn.Embedding):

@@ -36,6 +36,7 @@ from .distill import TrainingConfig, train
 from .glue import GlueData, evaluate_model, get_task, load_glue, make_dataloader
 from .recipe import Recipe, Stage
 from .serialization import set_checkpoint_format
+from .integration import surge_linears
 from .summary import summary
 
 logger = logging.getLogger(__name__)
@@ -143,11 +144,10 @@ def inherit_weights(student: nn.Module, previous: nn.Module) -> None:
     copy = {key: value for key, value in source.items()
             if key in target and target[key].shape == value.shape and (same_bits or not any(tag in key for tag in QUANTIZER_STATE))}
     student.load_state_dict(copy, strict=False)
-    with torch.no_grad():
-        for name, module in student.named_modules():
-            aux = getattr(module, "aux_weight", None)
-            if aux is not None and f"{name}.aux_weight" not in copy:
-                aux.copy_(module.weight)
+    for name, module in surge_linears(student).items():
+        aux = [f"{name}.{key}" for key in ("aux_weight", "aux_u", "aux_v") if getattr(module, key) is not None]
+        if aux and not all(key in copy for key in aux):
+            module.init_auxiliary_from_weight()
 
 
 @dataclass

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-SURGE_STATE_PATTERNS = (r"\.aux_weight$", r"\.input_quantizer\.", r"\.surge_attention\.")
+SURGE_STATE_PATTERNS = (r"\.aux_(weight|u|v)$", r"\.input_quantizer\.", r"\.surge_attention\.")
 
 
 class SurgeHfQuantizer(HfQuantizer):

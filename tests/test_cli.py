@@ -139,12 +139,12 @@ def test_shipped_recipes_all_load():
 
 def test_profiles_overlay_in_order():
     cpu = load_recipe("mrpc", ["cpu"])
-    assert cpu.model == "sentence-transformers/all-MiniLM-L6-v2" and cpu.max_train_samples == 2000
+    assert cpu.model == "sentence-transformers/all-MiniLM-L6-v2" and cpu.max_train_samples == 1000
     assert cpu.stages[0].quantization.bits_label == "1-32-1"
     assert cpu.stages[0].training.learning_rate == pytest.approx(5e-4)  # profile over task file
     multi = load_recipe("mrpc", ["cpu", "multistep"])
     assert [s.quantization.activation_bits for s in multi.stages] == [4, 2, 1]
-    assert multi.max_train_samples == 2000
+    assert multi.max_train_samples == 1000
 
 
 def test_merge_is_deep_for_mappings_and_replaces_lists():

@@ -144,7 +144,7 @@ def _layer(estimator, base="clipped_ste", eta=0.5, bits=1, seed=0):
 def _twin_without_aux(layer, base):
     """The same layer with the base estimator and no auxiliary branch (the binary branch alone)."""
     twin = SurgeLinear(16, 8, activation_bits=layer.activation_bits, estimator=base)
-    state = {k: v for k, v in layer.state_dict().items() if k != "aux_weight"}
+    state = {k: v for k, v in layer.state_dict().items() if not k.startswith("aux_")}
     twin.load_state_dict(state)
     return twin
 
@@ -212,3 +212,45 @@ def test_activation_bits_32_leaves_inputs_full_precision():
     x = torch.randn(3, 16)
     assert layer.input_quantizer is None
     assert torch.allclose(layer(x), F.linear(x, binarize_weight(layer.weight), layer.bias))
+
+
+# ---- low-rank auxiliary branch ------------------------------------------------------------------
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_low_rank_auxiliary_branch_gradients(rank):
+    torch.manual_seed(1)
+    cfg = SurgeConfig(estimator="surge", eta=0.7, aux_rank=rank)
+    layer = SurgeLinear.from_config(cfg, in_features=16, out_features=8)
+    torch.nn.init.normal_(layer.weight, std=0.2)
+    layer.reset_surge_state()
+    assert layer.aux_weight is None and layer.aux_u.shape == (8, rank) and layer.aux_v.shape == (rank, 16)
+    # Initialised to the best rank-r approximation of the pretrained weight.
+    u, s, vh = torch.linalg.svd(layer.weight.detach())
+    best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    assert torch.allclose(layer.aux_u @ layer.aux_v, best, atol=1e-5)
+
+    layer.train()
+    twin = _twin_without_aux(layer, "clipped_ste").train()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    g_y = torch.randn(3, 5, 8)
+    y = layer(x)
+    assert torch.equal(y, twin(x.detach()))
+    (y * g_y).sum().backward()
+    x_b = x.detach().clone().requires_grad_(True)
+    (twin(x_b) * g_y).sum().backward()
+    # Independent autograd of the auxiliary branch f_a(x) = x (U V)^T.
+    u_ref = layer.aux_u.detach().clone().requires_grad_(True)
+    v_ref = layer.aux_v.detach().clone().requires_grad_(True)
+    x_a = x.detach().clone().requires_grad_(True)
+    (x_a @ (u_ref @ v_ref).t() * g_y).sum().backward()
+    lam = 0.7 * x_b.grad.norm() / (x_a.grad.norm() + 1e-8)
+    assert torch.allclose(x.grad, x_b.grad + lam * x_a.grad, atol=1e-5)
+    assert torch.allclose(layer.aux_u.grad, u_ref.grad, atol=1e-5)
+    assert torch.allclose(layer.aux_v.grad, v_ref.grad, atol=1e-5)
+
+
+def test_aux_rank_validation():
+    with pytest.raises(ValueError, match="SurgeConfig.aux_rank=0 is invalid; allowed values: None"):
+        SurgeConfig(aux_rank=0)
+    with pytest.raises(ValueError, match="aux_rank=4 only applies with estimator in"):
+        SurgeConfig(estimator="clipped_ste", aux_rank=4)
