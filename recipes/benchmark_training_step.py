@@ -1,9 +1,11 @@
-"""Training-step time and peak memory: FP vs W1A1 clipped STE vs W1A1 SURGE (issue: core plug-in).
+"""Training-step time and peak memory: FP vs W1A1 clipped STE vs W1A1 SURGE (full-rank and rank-32
+auxiliary branch).
 
 One configuration per subprocess (a clean allocator each), on the MiniLM teacher at batch 32,
 sequence 128: forward + backward + AdamW step on a sequence-classification loss.
-Memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak resident set during the timed
-steps minus the resident set before them (model, optimizer state and first-step allocations included).
+Memory: on CUDA `torch.cuda.max_memory_allocated` during the timed steps (model, gradients, optimizer
+state, activations); on CPU the peak resident set of the process minus its resident set with the
+model loaded (gradients, optimizer state, activations and the allocator's retained memory).
 
     python recipes/benchmark_training_step.py [--device cpu|cuda] [--steps 5] [--batch 32] [--seq 128] [--model DIR]
 """
@@ -21,6 +23,7 @@ CONFIGS = {
     "fp": None,
     "w1a1_clipped_ste": {"estimator": "clipped_ste"},
     "w1a1_surge": {"estimator": "surge"},
+    "w1a1_surge_rank32": {"estimator": "surge", "aux_rank": 32},
 }
 
 
@@ -53,11 +56,11 @@ def run_one(name: str, device: str, steps: int, batch: int, seq: int, model_path
         loss.backward()
         optimizer.step()
 
-    step()  # warm-up: calibrates activation scales, allocates optimizer state
+    base_rss = _rss_bytes()  # the loaded model; everything training adds counts from here
+    step()  # warm-up: calibrates activation scales, allocates gradients and optimizer state
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    base_rss = _rss_bytes()
     sync()
     times = []
     for _ in range(steps):
@@ -93,11 +96,12 @@ def main() -> None:
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[name]
         print(f"{name:<18} step {r['step_s_median']:.3f} s (min {r['step_s_min']:.3f})  peak {r['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
-    fp, ste, surge = results["fp"], results["w1a1_clipped_ste"], results["w1a1_surge"]
+    fp, ste, surge, low = results["fp"], results["w1a1_clipped_ste"], results["w1a1_surge"], results["w1a1_surge_rank32"]
     print(f"device {fp['device']}, threads {fp['threads']}, batch {args.batch}, seq {args.seq}, {args.steps} timed steps")
     print(f"SURGE/STE  time {surge['step_s_median'] / ste['step_s_median']:.2f}x  memory {surge['peak_bytes'] / ste['peak_bytes']:.2f}x")
     print(f"SURGE/FP   time {surge['step_s_median'] / fp['step_s_median']:.2f}x  memory {surge['peak_bytes'] / fp['peak_bytes']:.2f}x")
     print(f"STE/FP     time {ste['step_s_median'] / fp['step_s_median']:.2f}x  memory {ste['peak_bytes'] / fp['peak_bytes']:.2f}x")
+    print(f"SURGE rank 32/STE  time {low['step_s_median'] / ste['step_s_median']:.2f}x  memory {low['peak_bytes'] / ste['peak_bytes']:.2f}x")
     print(json.dumps(results))
 
 
