@@ -132,7 +132,8 @@ def summary(model: nn.Module, seq_len: int = 128, print_fn=print) -> ModelSummar
             attention_macs += per_token
             binary_macs += per_token if module.query.bits == 1 else 0
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config") and not any(isinstance(m, AttentionQuantizers) for m in model.modules()):
+    # No attention quantizers (attention not binarized): count the full-precision attention matmuls.
+    if attention_macs == 0 and config is not None and hasattr(config, "get_text_config"):
         text = config.get_text_config()
         attention_macs = 2 * seq_len * text.hidden_size * text.num_hidden_layers
     total_macs = (all_linear_macs + attention_macs) * seq_len

@@ -49,19 +49,25 @@ SURGE_API int surge_abi_version(void) { return SURGE_ABI_VERSION; }
 
 INLINE uint64_t combine(const int mode, uint64_t a, uint64_t b) { return mode == MODE_AND ? (a & b) : (a ^ b); }
 
+/* Scalar pieces every variant shares: a row's set bits, and one combined row pair's. */
+INLINE int32_t popcount_row(const uint64_t *row, int64_t words) {
+    int32_t count = 0;
+    for (int64_t w = 0; w < words; w++) count += __builtin_popcountll(row[w]);
+    return count;
+}
+
+INLINE int32_t popcount_pair(const int mode, const uint64_t *a, const uint64_t *b, int64_t words) {
+    int32_t count = 0;
+    for (int64_t w = 0; w < words; w++) count += __builtin_popcountll(combine(mode, a[w], b[w]));
+    return count;
+}
+
 INLINE void tile_generic_impl(const int mode, const uint64_t *a, int64_t lda, const uint64_t *b, int64_t ldb,
                          int64_t rows, int64_t cols, int64_t words, int32_t *counts, int32_t *row_counts) {
     for (int64_t i = 0; i < rows; i++) {
         const uint64_t *ar = a + i * lda;
-        int32_t rc = 0;
-        for (int64_t w = 0; w < words; w++) rc += __builtin_popcountll(ar[w]);
-        row_counts[i] = rc;
-        for (int64_t j = 0; j < cols; j++) {
-            const uint64_t *br = b + j * ldb;
-            int32_t c = 0;
-            for (int64_t w = 0; w < words; w++) c += __builtin_popcountll(combine(mode, ar[w], br[w]));
-            counts[i * NB + j] = c;
-        }
+        row_counts[i] = popcount_row(ar, words);
+        for (int64_t j = 0; j < cols; j++) counts[i * NB + j] = popcount_pair(mode, ar, b + j * ldb, words);
     }
 }
 
@@ -103,9 +109,7 @@ TARGET_AVX2 INLINE void tile_avx2_impl(const int mode, const uint64_t *a, int64_
     const __m256i tail = _mm256_cmpgt_epi64(_mm256_set1_epi64x(rest), _mm256_setr_epi64x(0, 1, 2, 3));
     for (int64_t i = 0; i < rows; i++) {
         const uint64_t *ar = a + i * lda;
-        int32_t rc = 0;
-        for (int64_t w = 0; w < words; w++) rc += __builtin_popcountll(ar[w]);
-        row_counts[i] = rc;
+        row_counts[i] = popcount_row(ar, words);
         int64_t j = 0;
         if (words == 1) {
             /* one-word rows (attention heads of up to 64 channels): four B rows side by side in one
@@ -162,12 +166,7 @@ TARGET_AVX2 INLINE void tile_avx2_impl(const int mode, const uint64_t *a, int64_
             __m256i totals = _mm256_permutevar8x32_epi32(reduce4_avx2(t0, t1, t2, t3), pick);
             _mm_storeu_si128((__m128i *)(counts + i * NB + j), _mm256_castsi256_si128(totals));
         }
-        for (; j < cols; j++) {
-            const uint64_t *br = b + j * ldb;
-            int32_t c = 0;
-            for (int64_t w = 0; w < words; w++) c += __builtin_popcountll(combine(mode, ar[w], br[w]));
-            counts[i * NB + j] = c;
-        }
+        for (; j < cols; j++) counts[i * NB + j] = popcount_pair(mode, ar, b + j * ldb, words);
     }
 }
 
@@ -186,9 +185,7 @@ TARGET_AVX512 INLINE void tile_avx512_impl(const int mode, const uint64_t *a, in
     __mmask8 tail = (__mmask8)((1u << (words - full)) - 1u);
     for (int64_t i = 0; i < rows; i++) {
         const uint64_t *ar = a + i * lda;
-        int32_t rc = 0;
-        for (int64_t w = 0; w < words; w++) rc += __builtin_popcountll(ar[w]);
-        row_counts[i] = rc;
+        row_counts[i] = popcount_row(ar, words);
         int64_t j = 0;
         for (; j + 4 <= cols; j += 4) {
             const uint64_t *b0 = b + j * ldb, *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
@@ -212,12 +209,7 @@ TARGET_AVX512 INLINE void tile_avx512_impl(const int mode, const uint64_t *a, in
             c[0] = (int32_t)_mm512_reduce_add_epi64(s0); c[1] = (int32_t)_mm512_reduce_add_epi64(s1);
             c[2] = (int32_t)_mm512_reduce_add_epi64(s2); c[3] = (int32_t)_mm512_reduce_add_epi64(s3);
         }
-        for (; j < cols; j++) {
-            const uint64_t *br = b + j * ldb;
-            int32_t c = 0;
-            for (int64_t w = 0; w < words; w++) c += __builtin_popcountll(combine(mode, ar[w], br[w]));
-            counts[i * NB + j] = c;
-        }
+        for (; j < cols; j++) counts[i * NB + j] = popcount_pair(mode, ar, b + j * ldb, words);
     }
 }
 MODE_SPECIALIZED(TARGET_AVX512, tile_avx512)
