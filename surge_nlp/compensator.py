@@ -9,6 +9,9 @@ full-precision branch `f_a(x_a) = W_a x_a` contributes nothing to the forward va
 - "surge": `lambda = eta * ||g_b||_2 / (||g_a||_2 + 1e-8)` over the whole input-gradient tensor,
   one lambda per layer per step (AGS).
 
+For monitoring, each backward also records the cosine between g_b and g_a (`last_alignment`): how
+far the binary surrogate's gradient points away from the full-precision one that DPGC mixes in.
+
 The auxiliary branch is an autograd function whose forward returns the binary output unchanged
 (bit-exact, and no extra matmul) and whose backward computes `g_a` and `W_a`'s gradient.
 
@@ -89,7 +92,8 @@ class _LowRankAuxiliaryBranch(torch.autograd.Function):
 
 
 class GradientCompensator(nn.Module):
-    """DPGC fork and gradient combination for one layer; `last_lambda` is the latest lambda used."""
+    """DPGC fork and gradient combination for one layer; `last_lambda` is the latest lambda used,
+    `last_alignment` the cosine between that backward's binary and auxiliary input gradients."""
 
     def __init__(self, mode: str, eta: float) -> None:
         super().__init__()
@@ -100,11 +104,17 @@ class GradientCompensator(nn.Module):
         self.mode = mode
         self.eta = float(eta)
         self._last_lambda: torch.Tensor | None = None
+        self._last_alignment: torch.Tensor | None = None
 
     @property
     def last_lambda(self) -> float | None:
         """lambda of the most recent backward pass (None before any); a host sync, for monitoring."""
         return None if self._last_lambda is None else float(self._last_lambda)
+
+    @property
+    def last_alignment(self) -> float | None:
+        """cos(g_b, g_a) of the most recent backward (None before any); a host sync, for monitoring."""
+        return None if self._last_alignment is None else float(self._last_alignment)
 
     def fork(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_b, x_a): two handles on x whose gradients meet again in `combine`."""
@@ -133,6 +143,9 @@ class GradientCompensator(nn.Module):
             grad_binary = torch.zeros_like(grad_auxiliary)
         lam = self.scale(grad_binary, grad_auxiliary).detach()
         self._last_lambda = lam
+        # One dot product per layer and step (kept on the device; read only when logged).
+        self._last_alignment = torch.nn.functional.cosine_similarity(
+            grad_binary.detach().float().flatten(), grad_auxiliary.detach().float().flatten(), dim=0, eps=AGS_EPS)
         return grad_binary + lam.to(grad_binary.dtype) * grad_auxiliary
 
     def extra_repr(self) -> str:

@@ -93,6 +93,11 @@ class SurgeLinear(nn.Linear):
         return None if self.compensator is None else self.compensator.last_lambda
 
     @property
+    def last_alignment(self) -> float | None:
+        """cos(g_b, g_a) between the binary and auxiliary input gradients at the latest backward."""
+        return None if self.compensator is None else self.compensator.last_alignment
+
+    @property
     def aux_rank(self) -> int | None:
         """Rank of the low-rank auxiliary branch (None: full rank or no auxiliary branch)."""
         return None if self.aux_u is None else self.aux_u.shape[1]

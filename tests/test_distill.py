@@ -284,6 +284,9 @@ def test_distillation_logs_every_loss_term_and_lambda_statistics(tmp_path):
     assert first["loss"] == pytest.approx(weighted, rel=1e-5)
     lambdas = [first[f"lambda/layer_{layer}/{stat}"] for layer in (0, 1) for stat in ("min", "mean", "max")]
     assert all(value > 0 for value in lambdas) and first["lambda/layer_0/min"] <= first["lambda/layer_0/max"]
+    alignments = [first[f"alignment/layer_{layer}/mean"] for layer in (0, 1)]
+    assert all(-1 <= value <= 1 for value in alignments) and len(set(alignments)) == 2
+    assert first["alignment/mean"] == pytest.approx(sum(alignments) / 2)
     # 3 steps, warmup ceil(0.1 * 3) = 1 step, then linear decay to 0; scales follow at their own peak.
     assert [record["lr/weights"] for record in steps] == pytest.approx([0.0, 2e-4, 1e-4])
     assert [record["lr/scales"] for record in steps] == pytest.approx([0.0, 1e-4, 5e-5])

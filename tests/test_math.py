@@ -177,6 +177,8 @@ def test_input_gradient_is_g_b_plus_lambda_g_a(estimator, eta, bits):
     lam = eta * g_b.norm() / (g_a.norm() + 1e-8) if estimator == "surge" else torch.tensor(eta)
     assert torch.allclose(x.grad, g_b + lam * g_a, atol=1e-6)
     assert math.isclose(layer.last_lambda, float(lam), rel_tol=1e-5)
+    cosine = float((g_b * g_a).sum() / (g_b.norm() * g_a.norm()))
+    assert math.isclose(layer.last_alignment, cosine, rel_tol=1e-4, abs_tol=1e-6)
     # aux weight gets the ordinary gradient of f_a(x) = x W_a^T; latent weights the binary branch's.
     assert torch.allclose(layer.aux_weight.grad, g_y.reshape(-1, 8).t() @ x.detach().reshape(-1, 16), atol=1e-5)
     assert torch.allclose(layer.weight.grad, twin.weight.grad, atol=1e-6)
@@ -186,7 +188,7 @@ def test_eval_mode_skips_auxiliary_branch():
     layer = _layer("surge").eval()
     x = torch.randn(2, 16, requires_grad=True)
     layer(x).sum().backward()
-    assert layer.aux_weight.grad is None and layer.last_lambda is None
+    assert layer.aux_weight.grad is None and layer.last_lambda is None and layer.last_alignment is None
 
 
 def test_plain_estimators_have_no_auxiliary_branch():
@@ -204,6 +206,11 @@ def test_compensator_validation_and_one_lambda_per_backward():
     g_b, g_a = torch.ones(4), 2 * torch.ones(4)
     assert torch.allclose(comp.combine(g_b, g_a), g_b + 0.5 * g_a)
     assert comp.last_lambda == pytest.approx(0.5)
+    assert comp.last_alignment == pytest.approx(1.0)  # parallel gradients
+    comp.combine(g_b, torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    assert comp.last_alignment == pytest.approx(0.0, abs=1e-7)  # orthogonal
+    comp.combine(g_b, -g_b)
+    assert comp.last_alignment == pytest.approx(-1.0)
     assert comp.combine(g_b, None) is g_b
 
 

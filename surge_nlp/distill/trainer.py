@@ -167,21 +167,26 @@ def check_teacher(student: nn.Module, teacher: nn.Module | None, config: Trainin
 
 
 def lambda_statistics(model: nn.Module) -> dict[str, float]:
-    """AGS lambda of the latest backward, per encoder layer (mean, min, max over its SurgeLinears)
-    and overall mean; empty for a model without compensators."""
-    per_layer: dict[int, list[float]] = {}
+    """DPGC/SURGE monitoring of the latest backward: lambda per encoder layer (mean, min, max over its
+    SurgeLinears) and overall mean, and the cosine between the binary and auxiliary input gradients
+    ("alignment/layer_<i>/mean", "alignment/mean"); empty for a model without compensators."""
+    lambdas: dict[int, list[float]] = {}
+    alignments: dict[int, list[float]] = {}
     for name, linear in surge_linears(model).items():
-        value = linear.last_lambda
         match = LAYER_INDEX.search(name)
-        if value is not None and match:
-            per_layer.setdefault(int(match[1]), []).append(value)
+        if match is None or linear.last_lambda is None:
+            continue
+        lambdas.setdefault(int(match[1]), []).append(linear.last_lambda)
+        alignments.setdefault(int(match[1]), []).append(linear.last_alignment)
     stats = {}
-    for layer, values in sorted(per_layer.items()):
+    for layer, values in sorted(lambdas.items()):
         stats[f"lambda/layer_{layer}/mean"] = float(np.mean(values))
         stats[f"lambda/layer_{layer}/min"] = float(np.min(values))
         stats[f"lambda/layer_{layer}/max"] = float(np.max(values))
-    if per_layer:
-        stats["lambda/mean"] = float(np.mean([v for values in per_layer.values() for v in values]))
+        stats[f"alignment/layer_{layer}/mean"] = float(np.mean(alignments[layer]))
+    if lambdas:
+        stats["lambda/mean"] = float(np.mean([v for values in lambdas.values() for v in values]))
+        stats["alignment/mean"] = float(np.mean([v for values in alignments.values() for v in values]))
     return stats
 
 
@@ -394,7 +399,8 @@ def train(
     A record holds, for one optimizer step: "step", "epoch" (fractional), the learning rates used
     ("lr/weights", "lr/no_decay", "lr/scales"), "loss" and each enabled "loss/<term>" (means over
     the step's micro-batches and the processes), and the main process's AGS lambda statistics
-    ("lambda/layer_<i>/mean|min|max", "lambda/mean"). The final evaluation adds "eval/<metric>".
+    ("lambda/layer_<i>/mean|min|max", "lambda/mean") and binary/auxiliary gradient cosines
+    ("alignment/layer_<i>/mean", "alignment/mean"). The final evaluation adds "eval/<metric>".
     Accelerate fixes the mixed precision once per process: train with one `mixed_precision` per process.
     """
     started = time.perf_counter()
