@@ -263,7 +263,10 @@ def suite_table(bench: dict[str, Any], name: str, output: Path, step_benchmark: 
     suite = bench["suites"][name]
     task_seeds = suite.get("task_seeds") or {}
     records: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for task, variant, seed in suite_runs(suite):
+    # The suite's runs, plus clipped STE's on the same tasks and seeds (the reference of the ratios).
+    wanted = suite_runs(suite)
+    wanted += sorted({(task, BASELINE, seed) for task, _, seed in wanted} - set(wanted))
+    for task, variant, seed in wanted:
         path = output / task / variant / f"seed{seed}" / "result.json"
         if path.is_file():
             records.setdefault((task, variant), []).append(json.loads(path.read_text()))
