@@ -128,24 +128,24 @@ class GradientCompensator(nn.Module):
             return _AuxiliaryBranch.apply(y_binary, x_auxiliary, *aux_factors)
         return _LowRankAuxiliaryBranch.apply(y_binary, x_auxiliary, *aux_factors)
 
-    def scale(self, grad_binary: torch.Tensor, grad_auxiliary: torch.Tensor) -> torch.Tensor:
-        """lambda for this step, as a 0-dim tensor (fixed eta for DPGC, AGS for SURGE)."""
+    def scale(self, norm_binary: torch.Tensor, norm_auxiliary: torch.Tensor) -> torch.Tensor:
+        """lambda for this step from the two input-gradient norms, as a 0-dim tensor (fixed eta for
+        DPGC, AGS for SURGE)."""
         if self.mode == "dpgc":
-            return torch.tensor(self.eta, device=grad_binary.device)
-        norm_b = torch.linalg.vector_norm(grad_binary.float())
-        norm_a = torch.linalg.vector_norm(grad_auxiliary.float())
-        return self.eta * norm_b / (norm_a + AGS_EPS)
+            return torch.tensor(self.eta, device=norm_binary.device)
+        return self.eta * norm_binary / (norm_auxiliary + AGS_EPS)
 
     def combine(self, grad_binary: torch.Tensor | None, grad_auxiliary: torch.Tensor | None) -> torch.Tensor | None:
         if grad_auxiliary is None:
             return grad_binary
         if grad_binary is None:
             grad_binary = torch.zeros_like(grad_auxiliary)
-        lam = self.scale(grad_binary, grad_auxiliary).detach()
+        g_b, g_a = grad_binary.detach().float().reshape(-1), grad_auxiliary.detach().float().reshape(-1)
+        norm_b, norm_a = torch.linalg.vector_norm(g_b), torch.linalg.vector_norm(g_a)
+        lam = self.scale(norm_b, norm_a)
         self._last_lambda = lam
-        # One dot product per layer and step (kept on the device; read only when logged).
-        self._last_alignment = torch.nn.functional.cosine_similarity(
-            grad_binary.detach().float().flatten(), grad_auxiliary.detach().float().flatten(), dim=0, eps=AGS_EPS)
+        # The cosine reuses AGS's norms: one dot product more per layer and step, kept on the device.
+        self._last_alignment = torch.dot(g_b, g_a) / (norm_b * norm_a).clamp_min(AGS_EPS)
         return grad_binary + lam.to(grad_binary.dtype) * grad_auxiliary
 
     def extra_repr(self) -> str:

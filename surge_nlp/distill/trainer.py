@@ -174,9 +174,10 @@ def lambda_statistics(model: nn.Module) -> dict[str, float]:
     alignments: dict[int, list[float]] = {}
     for name, linear in surge_linears(model).items():
         match = LAYER_INDEX.search(name)
-        if match is None or linear.last_lambda is None:
+        value = linear.last_lambda  # a host sync: read once
+        if match is None or value is None:
             continue
-        lambdas.setdefault(int(match[1]), []).append(linear.last_lambda)
+        lambdas.setdefault(int(match[1]), []).append(value)
         alignments.setdefault(int(match[1]), []).append(linear.last_alignment)
     stats = {}
     for layer, values in sorted(lambdas.items()):
