@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -42,7 +41,7 @@ from surge_nlp.config import SurgeConfig
 from surge_nlp.distill import hidden_states_loss, logits_loss, train
 from surge_nlp.distill.trainer import model_inputs
 from surge_nlp.glue import compute_metrics, get_task, make_dataloader
-from surge_nlp.pipeline import build_student, finetune_teacher, load_data, validation_metrics
+from surge_nlp.pipeline import build_student, finetune_teacher, load_data, validation_metrics, write_json_atomically
 from surge_nlp.recipe import Recipe, Stage, load_recipe
 
 BENCHMARK_KEYS = ("profiles", "overrides", "variants", "suites")
@@ -101,12 +100,6 @@ def student_recipe(bench: dict[str, Any], task: str) -> Recipe:
     return load_recipe(task, profiles=bench["profiles"], overrides=bench["overrides"])
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 class TaskContext:
     """A task's teacher, tokenizer, data and teacher metrics, loaded once for all its runs."""
 
@@ -129,7 +122,7 @@ class TaskContext:
         metrics_path = output / task / "teacher.json"
         if not metrics_path.is_file():  # on the benchmark's dev slice, once
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            _write_json(metrics_path, {"teacher_dir": str(self.teacher_dir),
+            write_json_atomically(metrics_path, {"teacher_dir": str(self.teacher_dir),
                                        "metrics": validation_metrics(self.recipe, self.teacher, self.data, self.tokenizer)})
         self.teacher_metrics = json.loads(metrics_path.read_text())["metrics"]
 
@@ -201,7 +194,7 @@ def run_one(bench: dict[str, Any], context: TaskContext, variant: str, seed: int
         "teacher_main": 100 * context.teacher_metrics["validation"][task.main_metric],
         "log_history": result.log_history,
     }
-    _write_json(run_dir / "result.json", record)
+    write_json_atomically(run_dir / "result.json", record)
     return record
 
 
@@ -216,12 +209,12 @@ def command_run(args: argparse.Namespace) -> None:
         runs += [run for run in suite_runs(bench["suites"][name]) if run not in runs]
     pending = [run for run in runs if not (output / run[0] / run[1] / f"seed{run[2]}" / "result.json").is_file()]
     print(f"{len(runs)} runs, {len(runs) - len(pending)} already done", flush=True)
-    contexts: dict[str, TaskContext] = {}
+    context: TaskContext | None = None  # one task's models in memory at a time
     for index, (task, variant, seed) in enumerate(pending, 1):
-        if task not in contexts:
-            contexts = {task: TaskContext(bench, task, output, teachers)}  # one task's models in memory at a time
+        if context is None or context.recipe.task != task:
+            context = TaskContext(bench, task, output, teachers)
         started = time.perf_counter()
-        record = run_one(bench, contexts[task], variant, seed, output / task / variant / f"seed{seed}")
+        record = run_one(bench, context, variant, seed, output / task / variant / f"seed{seed}")
         print(f"[{index}/{len(pending)}] {task} {variant} seed {seed}: {record['main']:.1f} "
               f"(teacher {record['teacher_main']:.1f}), dev distillation loss {record['dev_distill_loss']:.4f}, "
               f"teacher agreement {record['teacher_agreement']:.1f} in {time.perf_counter() - started:.0f} s", flush=True)
@@ -296,11 +289,11 @@ def suite_table(bench: dict[str, Any], name: str, output: Path, step_benchmark: 
             bench_row, base_row = step_benchmark[variant], step_benchmark[BASELINE]
             row["step_time_vs_clipped_ste"] = bench_row["step_s_median"] / base_row["step_s_median"]
             row["memory_vs_clipped_ste"] = bench_row["peak_bytes"] / base_row["peak_bytes"]
-        monitored = [(r["main"], r) for rs in (records.get((t, variant), []) for t in suite["tasks"]) for r in rs]
-        monitored = [(m, r) for m, r in monitored if final_monitoring(r)]
+        monitored = [final_monitoring(r) for t in suite["tasks"] for r in records.get((t, variant), [])]
+        monitored = [m["last"] for m in monitored if m]
         if monitored:
-            row["alignment_last_mean"] = statistics.fmean(final_monitoring(r)["last"]["alignment_mean"] for _, r in monitored)
-            row["lambda_last_mean"] = statistics.fmean(final_monitoring(r)["last"]["lambda_mean"] for _, r in monitored)
+            row["alignment_last_mean"] = statistics.fmean(m["alignment_mean"] for m in monitored)
+            row["lambda_last_mean"] = statistics.fmean(m["lambda_mean"] for m in monitored)
         rows.append(row)
     teacher = {task: next((t["tasks"][task]["teacher"] for t in rows if task in t["tasks"]), None) for task in suite["tasks"]}
     return {"suite": name, "tasks": suite["tasks"], "rows": rows, "teacher": teacher}
@@ -318,16 +311,17 @@ def best_run_monitoring(output: Path, bench: dict[str, Any], tasks: list[str]) -
             for path in sorted((output / task / variant).glob("seed*/result.json")):
                 record = json.loads(path.read_text())
                 base_path = output / task / BASELINE / f"seed{record['seed']}" / "result.json"
-                if not base_path.is_file() or not final_monitoring(record):
+                monitoring = final_monitoring(record)
+                if not base_path.is_file() or not monitoring:
                     continue
                 ratio = record["dev_distill_loss"] / json.loads(base_path.read_text())["dev_distill_loss"]
                 if best is None or ratio < best[0]:
-                    best = (ratio, record)
+                    best = (ratio, record, monitoring)
     if best is None:
         return None
-    ratio, record = best
+    ratio, record, monitoring = best
     return {"task": record["task"], "variant": record["variant"], "seed": record["seed"], "main": record["main"],
-            "teacher_main": record["teacher_main"], "dev_loss_vs_clipped_ste": ratio, **final_monitoring(record)}
+            "teacher_main": record["teacher_main"], "dev_loss_vs_clipped_ste": ratio, **monitoring}
 
 
 def _cell(entry: dict[str, Any] | None, digits: int = 1) -> str:
@@ -417,7 +411,7 @@ def command_table(args: argparse.Namespace) -> None:
                   f"{last['lambda_min']:.3f} | {first['lambda_max']:.3f} -> {last['lambda_max']:.3f} | "
                   f"{first['alignment']:.3f} -> {last['alignment']:.3f} |")
     if args.json:
-        _write_json(Path(args.json), report)
+        write_json_atomically(Path(args.json), report)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,7 +65,8 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json_atomically(path: Path, data: Any) -> None:
+    """JSON to `path.tmp`, then renamed over `path`: a killed process never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
@@ -130,7 +131,7 @@ def finetune_teacher(recipe: Recipe, output_dir: Path, resume: bool = False) -> 
     info["metrics"] = validation_metrics(recipe, teacher, data, tokenizer)
     info["model"] = recipe.model
     _save_atomically(teacher, teacher_dir, tokenizer)
-    _write_json(teacher_dir / "teacher_metrics.json", info)
+    write_json_atomically(teacher_dir / "teacher_metrics.json", info)
     return teacher, tokenizer, info
 
 
@@ -184,7 +185,7 @@ def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, 
                         metrics=validation_metrics(recipe, student, data, tokenizer))
             set_checkpoint_format(student, "training")
             _save_atomically(student, final)
-            _write_json(final / "stage.json", info)
+            write_json_atomically(final / "stage.json", info)
         stages_info.append(info)
         current_teacher = previous = student.eval()
     return previous, stages_info
@@ -217,7 +218,7 @@ def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = 
     _save_atomically(student, output_dir / "student", tokenizer)
     report = summary(student, print_fn=None)
     result = PipelineResult(recipe.task, teacher_info, stages, str(output_dir / "student"), report.totals)
-    _write_json(output_dir / "results.json", {"task": recipe.task, "recipe": recipe.sources, "teacher": teacher_info,
+    write_json_atomically(output_dir / "results.json", {"task": recipe.task, "recipe": recipe.sources, "teacher": teacher_info,
                                               "stages": stages, "student_dir": result.student_dir, "summary": report.totals})
     if push_to_hub:
         from .hub import push_to_hub as push
@@ -241,4 +242,5 @@ def load_teacher(recipe: Recipe, teacher_path: str) -> tuple[nn.Module, PreTrain
 
 
 __all__ = ["PipelineError", "PipelineResult", "build_student", "check_labels", "check_tokenizers",
-           "distill_stages", "finetune_teacher", "inherit_weights", "load_teacher", "resolve_model", "run_glue"]
+           "distill_stages", "finetune_teacher", "inherit_weights", "load_teacher", "resolve_model", "run_glue",
+           "write_json_atomically"]
