@@ -343,14 +343,19 @@ def test_disable_switch_keeps_the_simulated_path(monkeypatch):
         ops.reset()
 
 
+def _use_compiler_script(monkeypatch, tmp_path, name: str, script: str) -> None:
+    """CC = a shell script standing in for the compiler; kernels cached under tmp_path/cache."""
+    compiler = tmp_path / name
+    compiler.write_text("#!/bin/sh\n" + script)
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("SURGE_NLP_KERNEL_CACHE", str(tmp_path / "cache"))
+
+
 def test_build_failure_message_names_the_compiler_error(monkeypatch, tmp_path):
     from surge_nlp.kernels import build
 
-    fake = tmp_path / "fake-cc"
-    fake.write_text("#!/bin/sh\necho 'fatal: broken toolchain' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("CC", str(fake))
-    monkeypatch.setenv("SURGE_NLP_KERNEL_CACHE", str(tmp_path / "cache"))
+    _use_compiler_script(monkeypatch, tmp_path, "fake-cc", "echo 'fatal: broken toolchain' >&2\nexit 1\n")
     with pytest.raises(build.KernelBuildError, match="broken toolchain"):
         build.build_library()
     assert list((tmp_path / "cache").iterdir()) == []  # no half-written library left behind
@@ -359,11 +364,8 @@ def test_build_failure_message_names_the_compiler_error(monkeypatch, tmp_path):
 def test_compiler_without_openmp_still_builds_single_threaded_kernels(monkeypatch, tmp_path):
     from surge_nlp.kernels import build
 
-    no_openmp = tmp_path / "cc-without-openmp"
-    no_openmp.write_text('#!/bin/sh\nfor arg in "$@"; do [ "$arg" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')
-    no_openmp.chmod(0o755)
-    monkeypatch.setenv("CC", str(no_openmp))
-    monkeypatch.setenv("SURGE_NLP_KERNEL_CACHE", str(tmp_path / "cache"))
+    _use_compiler_script(monkeypatch, tmp_path, "cc-without-openmp",
+                         'for arg in "$@"; do [ "$arg" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')
     path = build.build_library()
     assert path.exists() and path.parent == tmp_path / "cache"
     assert "omp_" not in path.read_bytes().decode("latin-1")  # no OpenMP runtime referenced

@@ -371,6 +371,11 @@ TARGET_AVX2 static void pack_probs_row_avx2(const float *pr, const float *mr, fl
 }
 #endif
 
+/* Offset of row r of a 3-D grid of rows (n0 x n1 x n2, row-major) in a tensor with strides s0, s1, s2. */
+INLINE int64_t row_offset(int64_t r, int64_t n1, int64_t n2, int64_t s0, int64_t s1, int64_t s2) {
+    return (r / (n1 * n2)) * s0 + ((r / n2) % n1) * s1 + (r % n2) * s2;
+}
+
 /* Bits of the quantizer's 1-bit signed output: bit = ((x - beta) / alpha >= 0), computed in float
  * exactly as the simulated quantizer does (so a quotient that underflows to -0 still gives +1).
  * x and beta: 4-D strided (rows n0 x n1 x n2, reduction k); out: contiguous (n0, n1, n2, words). */
@@ -384,9 +389,8 @@ SURGE_API void surge_pack_signs(const float *x, int64_t n0, int64_t n1, int64_t 
     (void)vector;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t r = 0; r < rows; r++) {
-        int64_t i2 = r % n2, i1 = (r / n2) % n1, i0 = r / (n1 * n2);
-        const float *xr = x + i0 * s0 + i1 * s1 + i2 * s2;
-        const float *br = beta + i0 * b0 + i1 * b1 + i2 * b2;
+        const float *xr = x + row_offset(r, n1, n2, s0, s1, s2);
+        const float *br = beta + row_offset(r, n1, n2, b0, b1, b2);
         uint64_t *o = out + r * words;
 #ifdef SURGE_X86
         if (vector && sk == 1 && (bk == 1 || bk == 0)) {
@@ -419,9 +423,8 @@ SURGE_API void surge_pack_probs(const float *p, int64_t n0, int64_t n1, int64_t 
     (void)vector;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t r = 0; r < rows; r++) {
-        int64_t i2 = r % n2, i1 = (r / n2) % n1, i0 = r / (n1 * n2);
-        const float *pr = p + i0 * s0 + i1 * s1 + i2 * s2;
-        const float *mr = mask ? mask + i0 * m0 + i1 * m1 + i2 * m2 : NULL;
+        const float *pr = p + row_offset(r, n1, n2, s0, s1, s2);
+        const float *mr = mask ? mask + row_offset(r, n1, n2, m0, m1, m2) : NULL;
         uint64_t *o = out + r * words;
 #ifdef SURGE_X86
         if (vector && sk == 1 && (!mr || mk == 1)) {
