@@ -1,9 +1,12 @@
 """Forward binarizers: what the network computes with.
 
 - `binarize_weight`: `alpha * sign(W - mean_row(W))`, alpha = per-output-channel mean |W - mean_row(W)|
-  (BiBERT/BiT). Its backward is the plain STE: the estimator choice shapes activation gradients,
-  where the surrogate's clipping matters; the weights are small and centred, so every estimator
-  would pass their gradient through unchanged anyway.
+  (BiBERT/BiT). The sign's backward is the plain STE: the estimator choice shapes activation
+  gradients, where the surrogate's clipping matters; the weights are small and centred, so every
+  estimator would pass their gradient through unchanged anyway. The scale's backward is a choice
+  (`WEIGHT_SCALE_GRADIENTS`): "through" differentiates alpha too, which adds `P(s * <s, g> / n)` to
+  the straight-through term `P(alpha * g)` (s = the signs, P = row centring, n = the row length);
+  "detached" treats alpha as a constant, as BiT and BiBERT do.
 - `ActivationQuantizer`: BiT's elastic quantizer with a learnable scale alpha (LSQ gradient) and a
   learnable shift beta. 1-bit signed: `alpha * sign((x - beta) / alpha)` with the estimator's
   surrogate; otherwise `alpha * round(clip((x - beta) / alpha, -Qn, Qp))` with a straight-through
@@ -28,16 +31,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import WEIGHT_SCALE_GRADIENTS
 from .surrogates import STE, Surrogate
 
 _WEIGHT_STE = STE()
 MIN_SCALE = 1e-5
 
 
-def binarize_weight(weight: torch.Tensor) -> torch.Tensor:
-    """`alpha * sign(W - mean_row(W))` with one alpha per output row (dim 0); STE backward."""
+def binarize_weight(weight: torch.Tensor, scale_gradient: str = "through") -> torch.Tensor:
+    """`alpha * sign(W - mean_row(W))` with one alpha per row (last dim reduced); STE backward of
+    the sign, and of alpha as `scale_gradient` says (see the module docstring)."""
     centered = weight - weight.mean(dim=-1, keepdim=True)
     alpha = centered.abs().mean(dim=-1, keepdim=True)
+    if scale_gradient == "detached":
+        alpha = alpha.detach()
+    elif scale_gradient != "through":
+        raise ValueError(f"scale_gradient={scale_gradient!r} is invalid; allowed values: "
+                         f"{', '.join(map(repr, WEIGHT_SCALE_GRADIENTS))}")
     return alpha * _WEIGHT_STE.sign(centered)
 
 

@@ -41,8 +41,19 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _parse_value(raw)
     return overrides
+
+
+def _parse_value(raw: str) -> Any:
+    """A `--set` value as YAML, except that `3e-5` is a number (YAML 1.1 wants `3.0e-5`)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            return value
+    return value
 
 
 def _recipe(args: argparse.Namespace):
@@ -59,7 +70,8 @@ def _recipe(args: argparse.Namespace):
     if stage_overrides:
         # `stages.N.x=...` edits stage N of the merged recipe instead of replacing the list.
         base = load_recipe(args.recipe or args.task, args.profile, overrides)
-        stages = [{"name": s.name, "quantization": s.quantization.to_dict(), "training": s.training.to_dict()} for s in base.stages]
+        stages = [{"name": s.name, "quantization": s.quantization.to_dict(), "training": s.training.to_dict(),
+                   "keep_shifts": s.keep_shifts} for s in base.stages]
         for index, change in stage_overrides.items():
             position = int(index)
             if not 0 <= position < len(stages):

@@ -31,6 +31,10 @@ ESTIMATORS = BASE_ESTIMATORS + COMPENSATED_ESTIMATORS
 DEFAULT_MODULES_TO_NOT_CONVERT = ("pooler", "classifier", "pre_classifier")
 # What save_pretrained writes; see surge_nlp.serialization.
 CHECKPOINT_FORMATS = ("packed", "training")
+# The student's FFN activation: the checkpoint's own, or BiT's ReLU with an unsigned FFN-output input.
+FFN_ACTIVATIONS = ("gelu", "relu")
+# Backward of the per-row weight scale; see surge_nlp.binarizers.
+WEIGHT_SCALE_GRADIENTS = ("through", "detached")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -60,6 +64,14 @@ class SurgeConfig(QuantizationConfigMixin):
             of the encoder runs on quantized operands (BiT); requires activation_bits < 32.
         modules_to_not_convert: module names (or dotted suffixes/prefixes) kept in full precision.
             The pooler is binarized (BiBERT/BiT's size count) only when "pooler" is removed from it.
+        ffn_activation: "gelu" (default) keeps the checkpoint's FFN activation and binarizes the
+            FFN output linear's input signed around its shift; "relu" is BiT's FFN: the activation
+            becomes ReLU and that input (`output.dense`, DistilBERT's `ffn.lin2`) is quantized
+            unsigned, `alpha * round(clip((x - beta) / alpha, 0, Qp))`, alpha initialised at
+            `4 * mean|x|`. The student still starts from the (GELU) teacher's weights.
+        weight_scale_gradient: backward of the per-row weight scale alpha = mean|W - mean_row(W)|
+            (weights and 1-bit word embeddings): "through" differentiates it, "detached" treats it as a
+            constant (BiT, BiBERT). See `surge_nlp.binarizers`.
         checkpoint_format: what `save_pretrained`/`push_to_hub` write. "packed" (default): the
             deployable checkpoint, binarized weights 8 signs per byte plus their scales, no latent
             or auxiliary weights; it reloads for inference. "training": the latent weights, DPGC
@@ -75,6 +87,8 @@ class SurgeConfig(QuantizationConfigMixin):
     eta: float = 0.5
     binarize_attention: bool = True
     aux_rank: int | None = None
+    ffn_activation: str = "gelu"
+    weight_scale_gradient: str = "through"
     modules_to_not_convert: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES_TO_NOT_CONVERT))
     checkpoint_format: str = "packed"
     quant_method: str = QUANT_METHOD
@@ -88,6 +102,8 @@ class SurgeConfig(QuantizationConfigMixin):
         _check_choice("estimator", self.estimator, ESTIMATORS)
         _check_choice("base_estimator", self.base_estimator, BASE_ESTIMATORS)
         _check_choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
+        _check_choice("ffn_activation", self.ffn_activation, FFN_ACTIVATIONS)
+        _check_choice("weight_scale_gradient", self.weight_scale_gradient, WEIGHT_SCALE_GRADIENTS)
         if not self.has_auxiliary_branch and self.base_estimator != "clipped_ste":
             raise ValueError(
                 f"SurgeConfig.base_estimator={self.base_estimator!r} only applies with estimator in "

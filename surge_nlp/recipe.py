@@ -4,7 +4,9 @@ A recipe is `recipes/glue/defaults.yaml` (what every task shares: BERT-base scal
 section 2), overlaid by the task's file (`recipes/glue/<task>.yaml`: its learning rate, epochs,
 batch size), then optionally by profiles in order (`recipes/glue/profiles/<name>.yaml`, e.g. `cpu`: the
 MiniLM teacher on two CPU cores in bounded time), then by command-line overrides. Mappings merge
-key by key; lists (the distillation `stages`) are replaced whole.
+key by key; lists (the distillation `stages`) are replaced whole. A profile may hold a `tasks:`
+mapping, task name -> settings, laid over the recipe after the rest of the profile, for that task
+only (e.g. `cpu-full`'s per-task teacher learning rates).
 
 Stages chain as in BiT's multi-step distillation: stage 1's teacher is the full-precision
 teacher; each later stage starts from the previous stage's student and uses it as its teacher.
@@ -31,9 +33,10 @@ from .config import SurgeConfig
 from .distill import TrainingConfig
 from .glue import get_task
 
+PROFILE_TASKS_KEY = "tasks"
 RECIPE_KEYS = ("task", "model", "dataset", "max_seq_length", "max_train_samples", "max_eval_samples",
                "teacher", "distill", "stages")
-STAGE_KEYS = ("name", "quantization", "training")
+STAGE_KEYS = ("name", "quantization", "training", "keep_shifts")
 
 
 class RecipeError(ValueError):
@@ -74,11 +77,16 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class Stage:
-    """One distillation stage: the student's quantization and the stage's training settings."""
+    """One distillation stage: the student's quantization and the stage's training settings.
+
+    `keep_shifts` (multi-step): when this stage changes the activation bit width of the previous
+    stage's student, start from its learned shifts beta and re-calibrate only the scales alpha
+    (default); False re-initialises both."""
 
     name: str
     quantization: SurgeConfig
     training: TrainingConfig
+    keep_shifts: bool = True
 
 
 @dataclass
@@ -119,10 +127,13 @@ class Recipe:
             for index, stage in enumerate(stages_data):
                 if not isinstance(stage, dict) or set(stage) - set(STAGE_KEYS) or "quantization" not in stage:
                     raise RecipeError(f"stage {index + 1} must be a mapping with `quantization` and optional "
-                                      f"`name`, `training`; got {stage!r}")
+                                      f"`name`, `training`, `keep_shifts`; got {stage!r}")
                 name = str(stage.get("name") or f"stage{index + 1}")
+                keep_shifts = stage.get("keep_shifts", True)
+                if not isinstance(keep_shifts, bool):
+                    raise RecipeError(f"stage {index + 1} ({name}): `keep_shifts` must be true or false, got {keep_shifts!r}")
                 training = TrainingConfig.from_dict(merge(shared, stage.get("training") or {}))
-                stages.append(Stage(name, SurgeConfig.from_dict(stage["quantization"]), training))
+                stages.append(Stage(name, SurgeConfig.from_dict(stage["quantization"]), training, keep_shifts))
         except (ValueError, TypeError) as err:
             raise RecipeError(f"{where}: {err}") from None
         names = [stage.name for stage in stages]
@@ -150,6 +161,22 @@ def _find(name: str, kind: str) -> Path:
                       f"(or pass a .yaml path)")
 
 
+def _per_task_settings(value: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """A profile's `tasks:` mapping, checked: known task names, each mapped to settings."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"profile {path}: `{PROFILE_TASKS_KEY}` must map task names to settings, got {type(value).__name__}")
+    for task, settings in value.items():
+        try:
+            get_task(str(task))
+        except ValueError as err:
+            raise RecipeError(f"profile {path}: `{PROFILE_TASKS_KEY}.{task}`: {err}") from None
+        if not isinstance(settings, dict):
+            raise RecipeError(f"profile {path}: `{PROFILE_TASKS_KEY}.{task}` must be a mapping of settings, got {settings!r}")
+    return value
+
+
 def load_recipe(task_or_path: str, profiles: Sequence[str] = (), overrides: dict[str, Any] | None = None) -> Recipe:
     """defaults.yaml + the task's recipe (a task name or a .yaml path) + profiles, in order + overrides."""
     recipe_path = _find(task_or_path, "recipe")
@@ -161,7 +188,10 @@ def load_recipe(task_or_path: str, profiles: Sequence[str] = (), overrides: dict
     sources.append(str(recipe_path))
     for profile in profiles:
         profile_path = _find(profile, "profile")
-        data = merge(data, _read_yaml(profile_path))
+        profile_data = _read_yaml(profile_path)
+        per_task = _per_task_settings(profile_data.pop(PROFILE_TASKS_KEY, None), profile_path)
+        data = merge(data, profile_data)
+        data = merge(data, per_task.get(data.get("task"), {}))
         sources.append(str(profile_path))
     if overrides:
         data = merge(data, overrides)

@@ -250,3 +250,15 @@ def test_help_has_examples(capsys):
 
 def test_console_script_is_declared():
     assert 'surge-nlp = "surge_nlp.cli:main"' in (REPO / "pyproject.toml").read_text()
+
+
+def test_set_values_parse_as_yaml_with_exponent_numbers():
+    from surge_nlp.cli import _parse_set
+
+    parsed = _parse_set(["distill.learning_rate=3e-5", "teacher.learning_rate=1.0e-4", "distill.eval_every=epoch",
+                         "max_train_samples=null", "stages.0.quantization.binarize_attention=false", "model=nan"])
+    assert parsed == {"distill": {"learning_rate": 3e-5, "eval_every": "epoch"}, "teacher": {"learning_rate": 1e-4},
+                      "max_train_samples": None, "stages": {"0": {"quantization": {"binarize_attention": False}}},
+                      "model": "nan"}
+    recipe = load_recipe("rte", profiles=["cpu"], overrides={"distill": parsed["distill"]})
+    assert recipe.stages[0].training.learning_rate == 3e-5 and recipe.stages[0].training.eval_every == "epoch"

@@ -30,7 +30,7 @@ from surge_nlp.distill import (
     soft_cross_entropy,
     train,
 )
-from surge_nlp.distill.trainer import check_teacher, parameter_groups
+from surge_nlp.distill.trainer import check_teacher
 
 from .conftest import REPO, tiny_config
 
@@ -233,20 +233,6 @@ def test_projection_recorder_rejects_model_without_projections():
         ProjectionRecorder(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def test_parameter_groups_give_quantizer_scales_their_own_learning_rate():
-    model = binarized(tiny_model())
-    config = TrainingConfig(learning_rate=1e-3, scale_learning_rate=2e-5, weight_decay=0.05)
-    groups = {group["name"]: group for group in parameter_groups(model, config)}
-    names = {id(p): n for n, p in model.named_parameters()}
-    scale_names = {names[id(p)] for p in groups["scales"]["params"]}
-    assert scale_names == {n for n in names.values() if "input_quantizer." in n or "surge_attention." in n}
-    assert (groups["scales"]["lr"], groups["scales"]["weight_decay"]) == (2e-5, 0.0)
-    assert (groups["weights"]["lr"], groups["weights"]["weight_decay"]) == (1e-3, 0.05)
-    assert all(p.ndim == 1 for p in groups["no_decay"]["params"]) and groups["no_decay"]["weight_decay"] == 0.0
-    total = sum(len(group["params"]) for group in groups.values())
-    assert total == len(list(model.parameters()))
-
-
 def test_check_teacher_errors():
     student = tiny_model()
     with pytest.raises(ValueError, match="no teacher was given"):
@@ -290,6 +276,7 @@ def test_distillation_logs_every_loss_term_and_lambda_statistics(tmp_path):
     # 3 steps, warmup ceil(0.1 * 3) = 1 step, then linear decay to 0; scales follow at their own peak.
     assert [record["lr/weights"] for record in steps] == pytest.approx([0.0, 2e-4, 1e-4])
     assert [record["lr/scales"] for record in steps] == pytest.approx([0.0, 1e-4, 5e-5])
+    assert [record["lr/shifts"] for record in steps] == pytest.approx([0.0, 2e-4, 1e-4])  # BiT: the main rate
     assert [record["lr/no_decay"] for record in steps] == pytest.approx([0.0, 2e-4, 1e-4])
     assert result.log_history[-1]["eval/accuracy"] == result.metrics["accuracy"]
     on_disk = [json.loads(line) for line in (tmp_path / "log_history.jsonl").read_text().splitlines()]

@@ -43,8 +43,10 @@ class TrainingConfig:
 
     Args:
         learning_rate: peak AdamW learning rate of the weights (latent, auxiliary, embeddings, head).
-        scale_learning_rate: peak learning rate of the quantizer scales and shifts (parameters under
-            `input_quantizer.` or `surge_attention.`); no weight decay on them.
+        scale_learning_rate: peak learning rate of the activation quantizers' scales alpha; no weight
+            decay on them.
+        shift_learning_rate: peak learning rate of the activation quantizers' per-channel shifts beta;
+            None (default) trains them at `learning_rate`, as BiT does. No weight decay on them.
         num_epochs: passes over the training data.
         max_steps: optional cap on optimizer steps (the schedule then spans `max_steps`).
         batch_size: examples per process and micro-batch; `train` checks the DataLoader agrees.
@@ -62,11 +64,17 @@ class TrainingConfig:
         checkpoint_every: save a resumable checkpoint every this many optimizer steps (and at the end).
         keep_checkpoints: how many of the latest checkpoints to keep.
         log_every: record the loss terms and lambda statistics every this many optimizer steps.
+        eval_every: evaluate on the eval loader every this many optimizer steps, or "epoch"; the last
+            step is always evaluated. None (default): one evaluation at the end.
+        keep_best: with `eval_every`, end with the weights of the best evaluation (by the metric
+            `train`'s `best_metric` names; the eval loss when none), as BiT's scripts and HF Trainer's
+            `load_best_model_at_end` do; False keeps the last weights.
         mixed_precision: "no", "fp16" or "bf16" (accelerate autocast; fp16 needs a GPU).
     """
 
     learning_rate: float = 2e-4
     scale_learning_rate: float = 1e-4
+    shift_learning_rate: float | None = None
     num_epochs: int = 3
     max_steps: int | None = None
     batch_size: int = 16
@@ -83,6 +91,8 @@ class TrainingConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
+    eval_every: int | str | None = None
+    keep_best: bool = True
     mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
@@ -94,6 +104,12 @@ class TrainingConfig:
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
                 raise _invalid(name, value, "a number >= 0")
+        if self.shift_learning_rate is not None and (not _is_number(self.shift_learning_rate) or not self.shift_learning_rate > 0):
+            raise _invalid("shift_learning_rate", self.shift_learning_rate, "None (the main learning_rate) or a number > 0")
+        if self.eval_every is not None and self.eval_every != "epoch" and (not _is_int(self.eval_every) or self.eval_every < 1):
+            raise _invalid("eval_every", self.eval_every, "None (evaluate at the end), 'epoch', or an integer >= 1")
+        if not isinstance(self.keep_best, bool):
+            raise _invalid("keep_best", self.keep_best, "True, False")
         if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
             raise _invalid("warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
         if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or not self.max_grad_norm > 0):
@@ -114,6 +130,11 @@ class TrainingConfig:
                 "TrainingConfig loss weights are all 0; allowed values: at least one of logits_weight, "
                 "hidden_weight, attention_weight, ground_truth_weight > 0"
             )
+
+    @property
+    def shift_lr(self) -> float:
+        """The shifts' learning rate: `shift_learning_rate`, or `learning_rate` when None."""
+        return self.learning_rate if self.shift_learning_rate is None else self.shift_learning_rate
 
     @property
     def distills(self) -> bool:

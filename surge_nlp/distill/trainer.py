@@ -52,10 +52,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
+from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from ..binarizers import ActivationQuantizer
 from ..integration import set_training_progress, surge_linears
 from .config import TrainingConfig
 from .losses import attention_loss, ground_truth_loss, hidden_states_loss, logits_loss
@@ -64,9 +66,8 @@ from .projections import ProjectionRecorder
 logger = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-# Quantizer scales/shifts (ActivationQuantizer alpha, beta) train with their own learning rate.
-SCALE_PARAMETER_TAGS = ("input_quantizer.", "surge_attention.")
 CHECKPOINTS = "checkpoints"
+BEST = "best"
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "training_config.json"
 LOG_FILE = "log_history.jsonl"
@@ -77,24 +78,39 @@ MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 
 @dataclass
 class TrainResult:
-    """What `train` returns: final evaluation metrics (empty without eval_loader), the log history
-    (one record per logged step: loss terms, learning rates, lambda statistics), optimizer steps
-    done, and wall-clock seconds of this call."""
+    """What `train` returns: the metrics of the model it leaves (empty without eval_loader), the log
+    history (one record per logged step: loss terms, learning rates, lambda statistics; one per
+    evaluation: "eval/<metric>"), optimizer steps done, wall-clock seconds of this call, and, with
+    `eval_every` and `keep_best`, the step whose weights the model holds (`best_step`)."""
 
     metrics: dict[str, float]
     log_history: list[dict[str, float]]
     steps: int
     wall_time_s: float
+    best_step: int | None = None
+
+    @property
+    def selected(self) -> str:
+        """"best" when the model holds the best evaluation's weights, else "last"."""
+        return "last" if self.best_step is None else "best"
+
+    @property
+    def eval_history(self) -> list[dict[str, float]]:
+        """One record per evaluation: "step" and the metrics, without the "eval/" prefix."""
+        return [{"step": record["step"], **{key[len("eval/"):]: value for key, value in record.items() if key.startswith("eval/")}}
+                for record in self.log_history if any(key.startswith("eval/") for key in record)]
 
 
 @dataclass
 class _Progress:
-    """The loop's position; saved as JSON in each checkpoint (no pickle)."""
+    """The loop's position; saved as JSON in each checkpoint (no pickle). `best` is the best
+    evaluation so far ({"step", "value", "metrics"}) whose weights lie in `best/step_<step>.safetensors`."""
 
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
     log_history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,14 +123,22 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def parameter_groups(model: nn.Module, config: TrainingConfig) -> list[dict[str, Any]]:
-    """AdamW groups: matrices (weight decay), vectors such as biases and LayerNorm (none), and the
-    quantizer scales/shifts (`scale_learning_rate`, no decay). Each group has a "name"."""
-    groups: dict[str, list[nn.Parameter]] = {"weights": [], "no_decay": [], "scales": []}
-    for name, parameter in model.named_parameters():
+    """AdamW groups: matrices (weight decay), vectors such as biases and LayerNorm (none), the
+    activation quantizers' scales alpha (`scale_learning_rate`, no decay) and shifts beta
+    (`shift_learning_rate`, default the main learning rate, no decay). Membership of the last two is
+    decided by type (every `ActivationQuantizer`'s `alpha` and `beta`). Each group has a "name"."""
+    quantizer_role: dict[int, str] = {}
+    for module in model.modules():
+        if isinstance(module, ActivationQuantizer):
+            quantizer_role[id(module.alpha)] = "scales"
+            quantizer_role[id(module.beta)] = "shifts"
+    groups: dict[str, list[nn.Parameter]] = {"weights": [], "no_decay": [], "scales": [], "shifts": []}
+    for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
-        if any(tag in name for tag in SCALE_PARAMETER_TAGS):
-            groups["scales"].append(parameter)
+        role = quantizer_role.get(id(parameter))
+        if role is not None:
+            groups[role].append(parameter)
         elif parameter.ndim < 2:
             groups["no_decay"].append(parameter)
         else:
@@ -123,6 +147,7 @@ def parameter_groups(model: nn.Module, config: TrainingConfig) -> list[dict[str,
         "weights": (config.learning_rate, config.weight_decay),
         "no_decay": (config.learning_rate, 0.0),
         "scales": (config.scale_learning_rate, 0.0),
+        "shifts": (config.shift_lr, 0.0),
     }
     return [
         {"name": name, "params": params, "lr": settings[name][0], "weight_decay": settings[name][1]}
@@ -319,7 +344,7 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: _Prog
     accelerator.save_state(str(temporary))  # model, optimizer, RNG states of every process
     if accelerator.is_main_process:
         state = {"step": progress.step, "epoch": progress.epoch, "batches_in_epoch": progress.batches_in_epoch,
-                 "scheduler": scheduler.state_dict(), "log_history": progress.log_history}
+                 "scheduler": scheduler.state_dict(), "log_history": progress.log_history, "best": progress.best}
         (temporary / TRAINER_STATE).write_text(json.dumps(state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -334,7 +359,44 @@ def _load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler) -> _
     accelerator.load_state(str(checkpoint))
     state = json.loads((checkpoint / TRAINER_STATE).read_text())
     scheduler.load_state_dict(state["scheduler"])
-    return _Progress(state["step"], state["epoch"], state["batches_in_epoch"], state["log_history"])
+    return _Progress(state["step"], state["epoch"], state["batches_in_epoch"], state["log_history"], state.get("best"))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation while training: output_dir/best/step_N.safetensors holds the best weights so far
+
+
+def eval_interval(config: TrainingConfig, steps_per_epoch: int) -> int | None:
+    """Optimizer steps between evaluations (None: evaluate once, at the end)."""
+    if config.eval_every is None:
+        return None
+    return steps_per_epoch if config.eval_every == "epoch" else config.eval_every
+
+
+def is_improvement(value: float, best: float | None, metric: str) -> bool:
+    """Whether `value` beats `best`: lower is better for "loss", higher for every other metric;
+    a tie keeps the earlier checkpoint."""
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def best_weights_path(output_dir: Path, step: int) -> Path:
+    return output_dir / BEST / f"step_{step}.safetensors"
+
+
+def _save_best(accelerator: Accelerator, model: nn.Module, output_dir: Path, step: int) -> None:
+    # Written under a temporary name and renamed; older best files are removed only afterwards.
+    if accelerator.is_main_process:
+        path = best_weights_path(output_dir, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        save_model(model, str(temporary))
+        os.replace(temporary, path)
+        for old in path.parent.iterdir():
+            if old != path:
+                old.unlink()
+    accelerator.wait_for_everyone()
 
 
 def _check_resumable(output_dir: Path, config: TrainingConfig, resume: bool) -> None:
@@ -380,6 +442,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_log: Callable[[dict[str, float]], None] | None = None,
+    best_metric: str | None = None,
 ) -> TrainResult:
     """Distil `teacher` into `model` (or fine-tune `model` on the labels when teacher is None).
 
@@ -390,8 +453,12 @@ def train(
         config: the TrainingConfig.
         teacher: frozen model with the same label count (and layers / hidden size / heads for the
             hidden-state and attention losses). Kept in eval mode, never updated.
-        eval_loader, metric_fn: evaluated once at the end (see `evaluate`); the result is in
-            `TrainResult.metrics` and the log history.
+        eval_loader, metric_fn: evaluated once at the end (see `evaluate`), or every
+            `config.eval_every` steps and at the last step; each result is in the log history.
+        best_metric: with `eval_every` and `keep_best`, the key of `metric_fn`'s result that picks
+            the best evaluation (higher is better), e.g. a GLUE task's main metric; None: the eval
+            "loss" (lower is better). The model ends with the best evaluation's weights, and
+            `TrainResult.metrics` are that evaluation's.
         output_dir: where checkpoints, `training_config.json` and `log_history.jsonl` go.
         resume: continue from the newest checkpoint in output_dir (a fresh start when there is none).
         progress: show a progress bar on the main process.
@@ -401,7 +468,7 @@ def train(
     ("lr/weights", "lr/no_decay", "lr/scales"), "loss" and each enabled "loss/<term>" (means over
     the step's micro-batches and the processes), and the main process's AGS lambda statistics
     ("lambda/layer_<i>/mean|min|max", "lambda/mean") and binary/auxiliary gradient cosines
-    ("alignment/layer_<i>/mean", "alignment/mean"). The final evaluation adds "eval/<metric>".
+    ("alignment/layer_<i>/mean", "alignment/mean"). Each evaluation adds a record with "eval/<metric>".
     Accelerate fixes the mixed precision once per process: train with one `mixed_precision` per process.
     """
     started = time.perf_counter()
@@ -411,6 +478,10 @@ def train(
         raise ValueError(f"train_loader.batch_size={train_loader.batch_size} differs from "
                          f"TrainingConfig.batch_size={config.batch_size}; build the loader with the config's batch size")
     _check_resumable(output_dir, config, resume)
+    if config.eval_every is not None and eval_loader is None:
+        raise ValueError(f"TrainingConfig.eval_every={config.eval_every!r} needs an eval_loader; pass eval_loader=... "
+                         "or set eval_every=None")
+    selection_key = best_metric or "loss"
 
     accelerator = Accelerator(
         cpu=not _has_accelerator_device(),
@@ -436,6 +507,7 @@ def train(
     total_steps = steps_per_epoch * config.num_epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
+    interval = eval_interval(config, steps_per_epoch)
     # Not passed to accelerator.prepare: it would step num_processes times per optimizer step.
     scheduler = get_linear_schedule_with_warmup(optimizer.optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
 
@@ -459,6 +531,17 @@ def train(
             on_log(record)
 
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and accelerator.is_local_main_process))
+
+    def evaluate_now() -> None:
+        metrics = evaluate(student, eval_loader, metric_fn, accelerator)
+        if selection_key not in metrics:
+            raise ValueError(f"best_metric={selection_key!r} is not among the evaluation's metrics {sorted(metrics)}")
+        log({"step": state.step, **{f"eval/{key}": value for key, value in metrics.items()}})
+        bar.set_postfix_str(f"dev {selection_key}={metrics[selection_key]:.4f}")
+        best_value = None if state.best is None else state.best["value"]
+        if config.keep_best and is_improvement(metrics[selection_key], best_value, selection_key):
+            _save_best(accelerator, student, output_dir, state.step)
+            state.best = {"step": state.step, "value": metrics[selection_key], "metrics": metrics}
 
     model.train()
     step_terms: list[dict[str, torch.Tensor]] = []
@@ -504,6 +587,9 @@ def train(
                     log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
                 step_terms.clear()
+                # Before the checkpoint, so that a resumed run holds the same best-so-far.
+                if interval is not None and (state.step % interval == 0 or state.step == total_steps):
+                    evaluate_now()
                 if state.step % config.checkpoint_every == 0 or state.step == total_steps:
                     _save_checkpoint(accelerator, output_dir, state, scheduler, config.keep_checkpoints)
                 if state.step >= total_steps:
@@ -511,9 +597,16 @@ def train(
     bar.close()
 
     metrics: dict[str, float] = {}
-    if eval_loader is not None:
+    best_step = None
+    if eval_loader is not None and interval is None:
         metrics = evaluate(student, eval_loader, metric_fn, accelerator)
         log({"step": state.step, **{f"eval/{key}": value for key, value in metrics.items()}})
+    elif eval_loader is not None:
+        evaluations = [record for record in state.log_history if any(key.startswith("eval/") for key in record)]
+        metrics = {key[len("eval/"):]: value for key, value in evaluations[-1].items() if key.startswith("eval/")}
+        if config.keep_best and state.best is not None:
+            load_model(student, str(best_weights_path(output_dir, state.best["step"])))
+            metrics, best_step = dict(state.best["metrics"]), state.best["step"]
     accelerator.wait_for_everyone()
-    return TrainResult(metrics, list(state.log_history), state.step, time.perf_counter() - started)
+    return TrainResult(metrics, list(state.log_history), state.step, time.perf_counter() - started, best_step)
 

@@ -1,0 +1,245 @@
+"""The accuracy ladder: FP teacher and W1A1 / W1A2 / W1A4 / multi-step students on `cpu-full`.
+
+The ladder is configuration (`recipes/ladder.yaml`): the profiles every run shares, the tasks, and
+named rows (changes laid over the profile's stage). A run is (row, task): the whole `surge-nlp
+glue` pipeline with the task's teacher reused, in `<output>/<row>/<task>/`, resumable (an
+interrupted run continues from its last trainer checkpoint; a finished one is never redone).
+
+    # teachers first (once per task), then rows; one job at a time on two cores
+    SURGE_NLP_GLUE_DATASET=../shared/data/glue python recipes/benchmark_ladder.py run \\
+        --output runs/ladder --teachers runs/cpu-full [--row w1a1 ...] [--task stsb ...]
+    # the table (markdown on stdout) and recipes/results/glue_cpu_full.json
+    python recipes/benchmark_ladder.py table --output runs/ladder --teachers runs/cpu-full \\
+        --json recipes/results/glue_cpu_full.json
+
+Metrics are the dev metric x 100 that the binarized-BERT papers report: MRPC F1, STS-B Pearson,
+CoLA Matthews correlation, accuracy otherwise. Each student's number is its best dev epoch (the
+pipeline keeps it; `selected` says "best" or "last").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from surge_nlp.glue import get_task
+from surge_nlp.pipeline import finetune_teacher, run_glue, write_json_atomically
+from surge_nlp.recipe import Recipe, RecipeError, load_recipe, merge
+
+LADDER_KEYS = ("profiles", "tasks", "rows")
+ROW_KEYS = ("quantization", "training", "stages", "tasks")
+STAGE_KEYS = ("name", "quantization", "training", "keep_shifts")
+# The number each paper's GLUE table reports per task (METHOD.md section 3).
+REPORTED_METRIC = {"mrpc": "f1", "stsb": "pearson", "cola": "matthews_correlation", "qqp": "f1"}
+RESULT = "results.json"
+WALL = "wall.json"
+
+
+class LadderError(ValueError):
+    """The ladder file holds an invalid value, or a run's inputs are missing."""
+
+
+def reported_metric(task: str) -> str:
+    return REPORTED_METRIC.get(task, "accuracy")
+
+
+def load_ladder(path: str | Path) -> dict[str, Any]:
+    """Read and validate the ladder file; every error names the field and what is allowed."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise LadderError(f"cannot read ladder file {path}: {err}") from None
+    if not isinstance(data, dict) or set(data) - set(LADDER_KEYS) or "rows" not in data:
+        raise LadderError(f"{path}: must be a mapping with `rows` and optional `profiles`, `tasks`")
+    data.setdefault("profiles", [])
+    data.setdefault("tasks", ["stsb", "mrpc", "rte", "cola", "sst2"])
+    rows = data["rows"]
+    if not isinstance(rows, dict) or not rows:
+        raise LadderError(f"{path}: `rows` must map names to {{quantization, training, stages, tasks}}")
+    for task in data["tasks"]:
+        _check_task(path, "tasks", task)
+    for name, row in rows.items():
+        row = rows[name] = row or {}
+        if not isinstance(row, dict) or set(row) - set(ROW_KEYS):
+            raise LadderError(f"{path}: row {name!r} must be a mapping with keys among {list(ROW_KEYS)}")
+        for task in row.get("tasks", []):
+            _check_task(path, f"rows.{name}.tasks", task)
+        stages = row.get("stages")
+        if stages is not None and (not isinstance(stages, list) or not stages or
+                                   not all(isinstance(s, dict) and not set(s) - set(STAGE_KEYS) for s in stages)):
+            raise LadderError(f"{path}: rows.{name}.stages must be a non-empty list of mappings with keys among {list(STAGE_KEYS)}")
+        for task in row.get("tasks", data["tasks"]):  # builds every recipe once: invalid values fail here
+            try:
+                row_recipe(data, name, task)
+            except RecipeError as err:
+                raise LadderError(f"{path}: row {name!r}, task {task}: {err}") from None
+    return data
+
+
+def _check_task(path: str | Path, field: str, task: Any) -> None:
+    try:
+        get_task(task)
+    except ValueError as err:
+        raise LadderError(f"{path}: {field}: {err}") from None
+
+
+def row_recipe(ladder: dict[str, Any], row_name: str, task: str) -> Recipe:
+    """The recipe of one run: the task's recipe with the ladder's profiles, the row laid over its stage."""
+    base = load_recipe(task, profiles=ladder["profiles"])
+    if len(base.stages) != 1:
+        raise LadderError(f"the ladder's rows start from one stage; the profiles give {task} {len(base.stages)}")
+    stage = base.stages[0]
+    base_stage = {"name": stage.name, "quantization": stage.quantization.to_dict(), "training": stage.training.to_dict()}
+    row = ladder["rows"][row_name]
+    shared = {key: row[key] for key in ("quantization", "training") if key in row}
+    stages = [merge(merge(base_stage, shared), change) for change in row.get("stages", [{}])]
+    for stage, change in zip(stages, row.get("stages", [{}])):
+        if "name" not in change:  # named by its bits, e.g. "w1e1a4"
+            q = stage["quantization"]
+            stage["name"] = f"w{q.get('weight_bits', 1)}e{q.get('embedding_bits', 32)}a{q.get('activation_bits', 1)}"
+    return load_recipe(task, profiles=ladder["profiles"], overrides={"stages": stages})
+
+
+def row_tasks(ladder: dict[str, Any], row_name: str) -> list[str]:
+    return list(ladder["rows"][row_name].get("tasks", ladder["tasks"]))
+
+
+def teacher_dir(teachers: Path, task: str) -> Path:
+    return teachers / task / "teacher"
+
+
+def ensure_teacher(ladder: dict[str, Any], task: str, teachers: Path) -> dict[str, Any]:
+    """The task's fine-tuned teacher under `teachers/<task>` (fine-tuned with the profiles if missing)."""
+    metrics_path = teacher_dir(teachers, task) / "teacher_metrics.json"
+    if not metrics_path.is_file():
+        finetune_teacher(load_recipe(task, profiles=ladder["profiles"]), teachers / task, resume=True)
+    return json.loads(metrics_path.read_text())
+
+
+def run_one(ladder: dict[str, Any], row_name: str, task: str, output: Path, teachers: Path) -> dict[str, Any]:
+    """One (row, task) run, resumed where it stopped; its results.json once finished."""
+    run_dir = output / row_name / task
+    if (run_dir / RESULT).is_file():
+        return json.loads((run_dir / RESULT).read_text())
+    ensure_teacher(ladder, task, teachers)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Wall time over every call that worked on the run (a call killed midway does not add its part).
+    walls = json.loads((run_dir / WALL).read_text()) if (run_dir / WALL).is_file() else []
+    started = time.perf_counter()
+    run_glue(row_recipe(ladder, row_name, task), run_dir, teacher_path=str(teacher_dir(teachers, task)), resume=True)
+    write_json_atomically(run_dir / WALL, walls + [time.perf_counter() - started])
+    return json.loads((run_dir / RESULT).read_text())
+
+
+def command(row_name: str, task: str, output: Path, teachers: Path) -> str:
+    return (f"SURGE_NLP_GLUE_DATASET=../shared/data/glue python recipes/benchmark_ladder.py run "
+            f"--row {row_name} --task {task} --output {output} --teachers {teachers}")
+
+
+def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any]:
+    """The ladder's rows from the finished runs (teacher first): metrics x 100, averages, walls."""
+    teacher: dict[str, float] = {}
+    teacher_walls: dict[str, float] = {}
+    for task in ladder["tasks"]:
+        path = teacher_dir(teachers, task) / "teacher_metrics.json"
+        if path.is_file():
+            info = json.loads(path.read_text())
+            teacher[task] = 100 * info["metrics"]["validation"][reported_metric(task)]
+            teacher_walls[task] = info.get("wall_time_s")
+    rows = []
+    for name in ladder["rows"]:
+        metrics, walls, selected, schedule, bits, multistep = {}, {}, {}, {}, None, False
+        for task in row_tasks(ladder, name):
+            path = output / name / task / RESULT
+            if not path.is_file():
+                continue
+            result = json.loads(path.read_text())
+            last = result["stages"][-1]
+            metrics[task] = 100 * last["metrics"]["validation"][reported_metric(task)]
+            wall_path = output / name / task / WALL
+            walls[task] = sum(json.loads(wall_path.read_text())) if wall_path.is_file() else None
+            selected[task] = [f"{s['name']}: {s.get('selected', 'last')} (step {s.get('best_step') or s['steps']} of {s['steps']})"
+                              for s in result["stages"]]
+            schedule[task] = [f"{s['name']}: {s['steps']} steps" for s in result["stages"]]
+            bits, multistep = last["bits"], len(result["stages"]) > 1
+        if not metrics:
+            continue
+        recipe = row_recipe(ladder, name, next(iter(metrics)))
+        rows.append({
+            "name": name, "bits": bits, "activation_bits": recipe.stages[-1].quantization.activation_bits,
+            "multistep": multistep, "stages": [s.name for s in recipe.stages],
+            "quantization": recipe.stages[-1].quantization.to_dict(), "metrics": metrics, "wall_s": walls,
+            "selected": selected, "schedule": schedule, "seed": recipe.stages[-1].training.seed,
+            "command": {task: command(name, task, output, teachers) for task in metrics},
+        })
+    return {"protocol": "cpu-full", "profiles": ladder["profiles"], "metric": {t: reported_metric(t) for t in ladder["tasks"]},
+            "teacher": teacher, "teacher_wall_s": teacher_walls, "rows": rows}
+
+
+def _average(values: dict[str, float], tasks: list[str]) -> float | None:
+    return sum(values[t] for t in tasks) / len(tasks) if tasks and all(t in values for t in tasks) else None
+
+
+def markdown(result: dict[str, Any], tasks: list[str]) -> str:
+    head = "| row | W-E-A | " + " | ".join(f"{t} ({result['metric'][t]})" for t in tasks) + " | avg | % of teacher | wall (min) |"
+    lines = [head, "|" + "---|" * (len(tasks) + 5)]
+    teacher = result["teacher"]
+    t_avg = _average(teacher, tasks)
+    walls = [w for w in result["teacher_wall_s"].values() if w]
+    lines.append("| FP teacher | 32-32-32 | " + " | ".join(f"{teacher[t]:.1f}" if t in teacher else "" for t in tasks)
+                 + f" | {t_avg:.1f} | 100% | {sum(walls) / 60:.0f} |" if t_avg is not None else "| FP teacher | | (incomplete) |")
+    for row in result["rows"]:
+        m = row["metrics"]
+        avg = _average(m, tasks)
+        done = [t for t in tasks if t in m]
+        partial = _average(m, done)
+        pct = (100 * partial / _average(teacher, done)) if done and _average(teacher, done) else None
+        wall = sum(w for w in row["wall_s"].values() if w) / 60
+        cells = " | ".join(f"{m[t]:.1f}" if t in m else "" for t in tasks)
+        avg_cell = f"{avg:.1f}" if avg is not None else f"({partial:.1f} over {len(done)})"
+        lines.append(f"| {row['name']} | {row['bits']} | {cells} | {avg_cell} | {pct:.0f}% | {wall:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["run", "table"])
+    parser.add_argument("--ladder", default=str(Path(__file__).with_name("ladder.yaml")))
+    parser.add_argument("--output", default="runs/ladder")
+    parser.add_argument("--teachers", default="runs/cpu-full")
+    parser.add_argument("--row", action="append", help="rows to run (default: all, in the file's order)")
+    parser.add_argument("--task", action="append", help="tasks to run (default: each row's)")
+    parser.add_argument("--json", help="table: also write the JSON here")
+    args = parser.parse_args(argv)
+    try:
+        ladder = load_ladder(args.ladder)
+        output, teachers = Path(args.output), Path(args.teachers)
+        if args.action == "run":
+            rows = args.row or list(ladder["rows"])
+            for name in rows:
+                if name not in ladder["rows"]:
+                    raise LadderError(f"--row {name!r} is not in {args.ladder}; rows: {', '.join(ladder['rows'])}")
+            for name in rows:
+                for task in row_tasks(ladder, name):
+                    if args.task and task not in args.task:
+                        continue
+                    result = run_one(ladder, name, task, output, teachers)
+                    metric = reported_metric(task)
+                    print(f"{name} {task}: {metric}={100 * result['stages'][-1]['metrics']['validation'][metric]:.2f}", flush=True)
+        else:
+            result = table(ladder, output, teachers)
+            print(markdown(result, ladder["tasks"]))
+            if args.json:
+                write_json_atomically(Path(args.json), result)
+    except (LadderError, RecipeError) as err:
+        sys.exit(f"benchmark_ladder: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

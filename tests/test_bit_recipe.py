@@ -1,0 +1,521 @@
+"""BiT's ingredients (issue 10): ReLU FFN with an unsigned FFN-output quantizer, the weight scale's
+two backward variants, shift/scale parameter groups, shifts carried across multi-step stages,
+evaluation while training with best-checkpoint selection, per-task profile settings, and the
+`cpu-full` protocol end to end on a tiny slice of real data."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+import surge_nlp
+from surge_nlp import SurgeConfig
+from surge_nlp.binarizers import ActivationQuantizer, binarize_weight
+from surge_nlp.distill import TrainingConfig, train
+from surge_nlp.distill.trainer import is_improvement, parameter_groups
+from surge_nlp.families import ffn_output_names
+from surge_nlp.layers import SurgeLinear
+from surge_nlp.pipeline import inherit_weights
+from surge_nlp.recipe import RecipeError, load_recipe
+
+from .conftest import REPO, fixed_batch, save_tiny, tiny_config
+
+FFN_PATHS = {"bert": ("bert.encoder.layer.{}", "intermediate.intermediate_act_fn", "output.dense"),
+             "roberta": ("roberta.encoder.layer.{}", "intermediate.intermediate_act_fn", "output.dense"),
+             "distilbert": ("distilbert.transformer.layer.{}", "ffn.activation", "ffn.lin2")}
+
+
+def tiny_model(family: str = "bert", **surge):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family))
+    return surge_nlp.binarize(model, SurgeConfig(**surge))
+
+
+# --------------------------------------------------------------------------------------------
+# 1a. BiT's FFN
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_relu_ffn_swaps_the_activation_and_makes_only_the_ffn_output_input_unsigned(family):
+    model = tiny_model(family, ffn_activation="relu")
+    layer_path, activation, output = FFN_PATHS[family]
+    for index in range(2):
+        layer = model.get_submodule(layer_path.format(index))
+        assert type(layer.get_submodule(activation)) is nn.ReLU
+    unsigned = {name for name, m in model.named_modules() if isinstance(m, SurgeLinear) and not m.input_quantizer.signed}
+    assert unsigned == {f"{layer_path.format(i)}.{output}" for i in range(2)} == ffn_output_names(model)
+    # The default keeps the checkpoint's activation and every input signed.
+    default = tiny_model(family)
+    assert type(default.get_submodule(f"{layer_path.format(0)}.{activation}")) is not nn.ReLU
+    assert all(m.input_quantizer.signed for m in default.modules() if isinstance(m, SurgeLinear))
+
+
+def test_unsigned_ffn_output_quantizer_takes_bits_values_and_initial_scale():
+    model = tiny_model("bert", ffn_activation="relu").train()
+    dense = model.bert.encoder.layer[0].output.dense
+    seen = {}
+    dense.input_quantizer.register_forward_hook(lambda module, args, out: seen.update(x=args[0].detach(), y=out.detach()))
+    model(**{k: v for k, v in fixed_batch().items() if k != "labels"})
+    x, y = seen["x"], seen["y"]
+    assert (x >= 0).all()  # post-ReLU
+    alpha = float(dense.input_quantizer.alpha.detach())
+    assert alpha == pytest.approx(4 * float(x.abs().mean()), rel=1e-5)  # beta starts at 0
+    expected = alpha * torch.round(torch.clamp(x / alpha, 0, 1))
+    assert torch.equal(y, expected)
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(alpha)]
+    # Both levels occur: the threshold (alpha / 2 = 2 mean|x|) splits the post-ReLU values.
+    assert 0 < int((y > 0).sum()) < y.numel()
+
+
+def test_unsigned_quantizer_gradient_passes_inside_the_clip_range_only():
+    quantizer = ActivationQuantizer(1, signed=False, surrogate=surge_nlp.surrogates.ClippedSTE(), shift_shape=(4,))
+    with torch.no_grad():
+        quantizer.alpha.fill_(2.0)
+        quantizer.initialized.fill_(True)
+    x = torch.tensor([[-1.0, 0.5, 1.5, 3.0]], requires_grad=True)
+    quantizer(x).sum().backward()
+    # u = x / 2 in [0, 1] for the middle two: straight-through there, zero where clipped.
+    assert x.grad.tolist() == [[0.0, 1.0, 1.0, 0.0]]
+
+
+@pytest.mark.parametrize("activation_bits", [1, 2])
+def test_relu_student_packs_reloads_and_deploys_exactly(tmp_path, activation_bits):
+    from transformers import AutoModelForSequenceClassification
+
+    path = save_tiny(tmp_path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, quantization_config=SurgeConfig(ffn_activation="relu", activation_bits=activation_bits, embedding_bits=1))
+    batch = {k: v for k, v in fixed_batch().items() if k != "labels"}
+    model.train()
+    model(**batch)  # calibrates
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ActivationQuantizer):
+                module.beta.normal_(0, 0.05)  # trained shifts, away from exact ties
+    model.eval()
+    with torch.no_grad():
+        reference = model(**batch).logits
+    model.save_pretrained(tmp_path / "packed")
+    packed = AutoModelForSequenceClassification.from_pretrained(tmp_path / "packed").eval()
+    assert not packed.bert.encoder.layer[1].output.dense.input_quantizer.signed
+    assert type(packed.bert.encoder.layer[1].intermediate.intermediate_act_fn) is nn.ReLU
+    with torch.no_grad():
+        assert torch.equal(packed(**batch).logits, reference)
+    from surge_nlp.kernels import ops
+
+    if not ops.available():
+        pytest.skip(f"kernels unavailable: {ops.unavailable_reason()}")
+    deployed = surge_nlp.deploy(packed)
+    if activation_bits == 1:
+        layer = deployed.bert.encoder.layer[1].output.dense
+        assert type(layer).__name__ == "BinaryLinear" and not layer.input_signed
+    with torch.no_grad():
+        assert torch.allclose(deployed(**batch).logits, reference, atol=1e-4)
+
+
+def test_relu_on_a_family_without_a_known_ffn_names_the_model_type():
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification(tiny_config("bert"))
+    for layer in model.bert.encoder.layer:
+        del layer.intermediate  # an FFN laid out some other way
+    model.config.model_type = "mystery"
+    with pytest.raises(ValueError, match=r"model type 'mystery'.*ffn_activation='gelu'"):
+        surge_nlp.binarize(model, SurgeConfig(ffn_activation="relu"))
+
+
+@pytest.mark.parametrize("field,value", [("ffn_activation", "silu"), ("weight_scale_gradient", "none")])
+def test_new_config_fields_are_validated(field, value):
+    with pytest.raises(ValueError, match=rf"SurgeConfig.{field}='{value}' is invalid; allowed values"):
+        SurgeConfig(**{field: value})
+
+
+# --------------------------------------------------------------------------------------------
+# 1b. The weight scale's backward
+
+
+def _independent_weight_gradient(weight: torch.Tensor, upstream: torch.Tensor, through: bool) -> torch.Tensor:
+    # Written out by hand: out = alpha * s, s = sign(c), c = W - mean_row(W), STE ds/dc = 1,
+    # alpha = mean_row|c|, d alpha / dc = s / n; then dW = P(dc), P = row centring.
+    n = weight.shape[-1]
+    centred = weight - weight.mean(-1, keepdim=True)
+    signs = torch.where(centred >= 0, 1.0, -1.0)
+    alpha = centred.abs().mean(-1, keepdim=True)
+    grad_c = alpha * upstream
+    if through:
+        grad_c = grad_c + signs * (signs * upstream).sum(-1, keepdim=True) / n
+    return grad_c - grad_c.mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("variant", ["through", "detached"])
+def test_weight_binarizer_gradient_matches_the_hand_derivation(variant):
+    torch.manual_seed(1)
+    weight = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, 7, dtype=torch.float64)
+    out = binarize_weight(weight, variant)
+    (out * upstream).sum().backward()
+    expected = _independent_weight_gradient(weight.detach(), upstream, through=variant == "through")
+    assert torch.allclose(weight.grad, expected, atol=1e-12)
+    # The forward value does not depend on the variant.
+    assert torch.equal(binarize_weight(weight.detach(), "through"), binarize_weight(weight.detach(), "detached"))
+
+
+def test_the_two_weight_gradients_differ_by_the_scale_term():
+    torch.manual_seed(2)
+    weight = torch.randn(3, 16, requires_grad=True)
+    upstream = torch.randn(3, 16)
+    grads = {}
+    for variant in ("through", "detached"):
+        weight.grad = None
+        (binarize_weight(weight, variant) * upstream).sum().backward()
+        grads[variant] = weight.grad.clone()
+    # With random upstream gradients the extra term is as large as the straight-through one.
+    extra = (grads["through"] - grads["detached"]).norm() / grads["detached"].norm()
+    assert 0.2 < float(extra) < 5
+
+
+def test_surge_linear_and_embedding_follow_weight_scale_gradient():
+    model = tiny_model("bert", weight_scale_gradient="detached", embedding_bits=1)
+    linears = [m for m in model.modules() if isinstance(m, SurgeLinear)]
+    assert linears and all(m.weight_scale_gradient == "detached" for m in linears)
+    assert model.bert.embeddings.word_embeddings.weight_scale_gradient == "detached"
+    layer = linears[0]
+    x = torch.randn(4, layer.in_features)
+    layer.eval()
+    layer.weight.grad = None
+    (layer(x) ** 2).sum().backward()
+    got = layer.weight.grad.clone()
+    reference = layer.weight.detach().clone().requires_grad_(True)
+    q = layer.input_quantizer(x).detach()
+    (F.linear(q, binarize_weight(reference, "detached"), layer.bias.detach()) ** 2).sum().backward()
+    assert torch.allclose(got, reference.grad, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# 1c. Parameter groups
+
+
+def test_parameter_groups_put_scales_and_shifts_in_their_own_groups():
+    model = tiny_model("bert", ffn_activation="relu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    config = TrainingConfig(learning_rate=5e-4, scale_learning_rate=1e-4, weight_decay=0.01)
+    groups = {g["name"]: g for g in parameter_groups(model, config)}
+    assert set(groups) == {"weights", "no_decay", "scales", "shifts"}
+    scales = {names[id(p)] for p in groups["scales"]["params"]}
+    shifts = {names[id(p)] for p in groups["shifts"]["params"]}
+    quantizers = [n for n, m in model.named_modules() if isinstance(m, ActivationQuantizer)]
+    assert scales == {f"{n}.alpha" for n in quantizers} and shifts == {f"{n}.beta" for n in quantizers}
+    assert len(quantizers) == 2 * 6 + 2 * 4  # six linears and four attention quantizers per layer
+    assert (groups["scales"]["lr"], groups["scales"]["weight_decay"]) == (1e-4, 0.0)
+    assert (groups["shifts"]["lr"], groups["shifts"]["weight_decay"]) == (5e-4, 0.0)  # BiT: the main rate
+    assert groups["weights"]["weight_decay"] == 0.01
+    weights = {names[id(p)] for p in groups["weights"]["params"]}
+    assert all(p.ndim == 2 for p in groups["weights"]["params"]) and not weights & (scales | shifts)
+    every = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    slow = {g["name"]: g for g in parameter_groups(model, TrainingConfig(learning_rate=5e-4, shift_learning_rate=2e-5))}
+    assert slow["shifts"]["lr"] == 2e-5
+
+
+@pytest.mark.parametrize("field,value", [("shift_learning_rate", 0), ("eval_every", 0), ("eval_every", "step"),
+                                         ("keep_best", "yes")])
+def test_new_training_fields_are_validated(field, value):
+    with pytest.raises(ValueError, match=rf"TrainingConfig.{field}=.* is invalid; allowed values"):
+        TrainingConfig(**{field: value})
+
+
+# --------------------------------------------------------------------------------------------
+# 1d. Multi-step keeps the learned shifts
+
+
+def _calibrated(model, seed: int):
+    model.train()
+    model(**{k: v for k, v in fixed_batch().items() if k != "labels"})
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, ActivationQuantizer):
+                module.beta.copy_(torch.randn(module.beta.shape, generator=g) * 0.1)
+                module.alpha.mul_(1.5)
+    return model
+
+
+@pytest.mark.parametrize("keep_shifts", [True, False])
+def test_a_stage_that_changes_bits_keeps_beta_and_recalibrates_alpha(keep_shifts):
+    previous = _calibrated(tiny_model("bert", activation_bits=2), seed=0)
+    student = tiny_model("bert", activation_bits=1)
+    inherit_weights(student, previous, keep_shifts=keep_shifts)
+    old = dict(previous.named_modules())
+    quantizers = [(n, m) for n, m in student.named_modules() if isinstance(m, ActivationQuantizer)]
+    assert quantizers
+    for name, quantizer in quantizers:
+        assert not bool(quantizer.initialized)  # alpha re-calibrates on the first batch
+        expected = old[name].beta if keep_shifts else torch.zeros_like(quantizer.beta)
+        assert torch.equal(quantizer.beta, expected), name
+    # The recalibration measures around the kept shift: alpha = 2 mean|x - beta| at 1 bit.
+    dense = student.bert.encoder.layer[0].attention.self.query
+    seen = {}
+    dense.input_quantizer.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].detach().clone()))
+    student.train()(**{k: v for k, v in fixed_batch().items() if k != "labels"})
+    beta = dense.input_quantizer.beta.detach()
+    assert float(dense.input_quantizer.alpha.detach()) == pytest.approx(2 * float((seen["x"] - beta).abs().mean()), rel=1e-5)
+
+
+def test_a_stage_at_the_same_bits_keeps_scales_and_shifts():
+    previous = _calibrated(tiny_model("bert", activation_bits=1), seed=1)
+    student = tiny_model("bert", activation_bits=1)
+    inherit_weights(student, previous)
+    for (name, q), (_, p) in zip(*(([(n, m) for n, m in model.named_modules() if isinstance(m, ActivationQuantizer)])
+                                    for model in (student, previous))):
+        assert bool(q.initialized) and torch.equal(q.alpha, p.alpha) and torch.equal(q.beta, p.beta), name
+
+
+def test_keep_shifts_is_a_validated_stage_key(tmp_path):
+    recipe = {"task": "rte", "model": "m", "stages": [{"quantization": {}, "keep_shifts": "no"}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match="keep_shifts` must be true or false"):
+        load_recipe(str(path))
+    recipe["stages"][0]["keep_shifts"] = False
+    path.write_text(yaml.safe_dump(recipe))
+    assert load_recipe(str(path)).stages[0].keep_shifts is False
+
+
+# --------------------------------------------------------------------------------------------
+# 1e. Evaluation while training, best checkpoint
+
+
+def _toy_run(tmp_path, series, keep_best=True, best_metric="score", eval_every=2, num_epochs=3, resume=False,
+             on_log=None, **kwargs):
+    """Train a tiny student whose evaluations report `series` in order; returns the result and a
+    snapshot of the weights taken at every evaluation."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config("bert"))
+    data = [{k: v[i] for k, v in fixed_batch(16, seed=3).items()} for i in range(16)]
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
+    eval_loader = torch.utils.data.DataLoader(data[:8], batch_size=8)
+    values = iter(series)
+    snapshots = []
+
+    def metric_fn(predictions, references):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"score": next(values)}
+
+    config = TrainingConfig(logits_weight=0, hidden_weight=0, ground_truth_weight=1, batch_size=4, num_epochs=num_epochs,
+                            learning_rate=1e-2, eval_every=eval_every, keep_best=keep_best, log_every=1, **kwargs)
+    result = train(model, loader, config, output_dir=tmp_path / "run", progress=False, eval_loader=eval_loader,
+                   metric_fn=metric_fn, best_metric=best_metric, resume=resume, on_log=on_log)
+    return model, result, snapshots
+
+
+def test_best_checkpoint_is_the_best_of_a_known_metric_series(tmp_path):
+    series = [0.30, 0.55, 0.52, 0.71, 0.60, 0.70]  # 12 steps, evaluated every 2
+    model, result, snapshots = _toy_run(tmp_path, series)
+    assert [r["step"] for r in result.eval_history] == [2, 4, 6, 8, 10, 12]
+    assert [r["score"] for r in result.eval_history] == series
+    assert result.best_step == 8 and result.selected == "best" and result.metrics["score"] == 0.71
+    best = snapshots[series.index(0.71)]
+    assert all(torch.equal(model.state_dict()[k], best[k]) for k in best)
+    assert not torch.equal(model.state_dict()["classifier.weight"], snapshots[-1]["classifier.weight"])
+    # Only the best weights stay on disk.
+    assert sorted(p.name for p in (tmp_path / "run" / "best").iterdir()) == ["step_8.safetensors"]
+
+
+def test_keep_best_false_ends_with_the_last_weights(tmp_path):
+    series = [0.9, 0.1, 0.2, 0.3, 0.4, 0.5]
+    model, result, snapshots = _toy_run(tmp_path, series, keep_best=False)
+    assert result.best_step is None and result.selected == "last" and result.metrics["score"] == 0.5
+    assert all(torch.equal(model.state_dict()[k], snapshots[-1][k]) for k in snapshots[-1])
+
+
+def test_epoch_evaluation_and_loss_selection(tmp_path):
+    # 4 steps per epoch; "loss" is lower-is-better.
+    _, result, _ = _toy_run(tmp_path, [0.0] * 3, best_metric=None, eval_every="epoch")
+    assert [r["step"] for r in result.eval_history] == [4, 8, 12]
+    losses = [r["loss"] for r in result.eval_history]
+    assert result.best_step == result.eval_history[losses.index(min(losses))]["step"]
+    assert is_improvement(0.4, 0.5, "loss") and not is_improvement(0.5, 0.5, "accuracy")
+    assert is_improvement(0.6, 0.5, "accuracy") and is_improvement(1.0, None, "accuracy")
+
+
+def test_best_selection_survives_a_resume(tmp_path):
+    series = [0.30, 0.80, 0.52, 0.71, 0.60, 0.70]  # best at step 4, before the interruption
+    straight_model, straight, _ = _toy_run(tmp_path / "a", series, checkpoint_every=2)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_7(record):
+        if record.get("step") == 7 and "loss" in record:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _toy_run(tmp_path / "b", series, checkpoint_every=2, on_log=kill_at_step_7)
+    # Resumed from step 6: evaluations 8, 10, 12 remain.
+    resumed_model, resumed, _ = _toy_run(tmp_path / "b", series[3:], checkpoint_every=2, resume=True)
+    assert straight.best_step == resumed.best_step == 4
+    assert resumed.metrics == straight.metrics
+    assert [r["step"] for r in resumed.eval_history] == [2, 4, 6, 8, 10, 12]
+    reference = straight_model.state_dict()
+    assert all(torch.equal(tensor, reference[key]) for key, tensor in resumed_model.state_dict().items())
+
+
+def test_eval_every_without_an_eval_loader_is_an_error(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification(tiny_config("bert"))
+    data = [{k: v[i] for k, v in fixed_batch(4).items()} for i in range(4)]
+    config = TrainingConfig(logits_weight=0, hidden_weight=0, ground_truth_weight=1, batch_size=4, eval_every=1)
+    with pytest.raises(ValueError, match="eval_every=1 needs an eval_loader"):
+        train(model, torch.utils.data.DataLoader(data, batch_size=4), config, output_dir=tmp_path, progress=False)
+
+
+def test_an_unknown_best_metric_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"best_metric='f1' is not among the evaluation's metrics \['loss', 'score'\]"):
+        _toy_run(tmp_path, [0.1] * 6, best_metric="f1")
+
+
+# --------------------------------------------------------------------------------------------
+# Profiles with per-task settings, and cpu-full
+
+
+def test_profile_task_sections_apply_to_their_task_only(tmp_path):
+    cola, stsb, rte = (load_recipe(task, profiles=["cpu-full"]) for task in ("cola", "stsb", "rte"))
+    assert (cola.teacher.batch_size, cola.teacher.learning_rate) == (32, 3e-5)
+    assert (stsb.teacher.batch_size, stsb.teacher.learning_rate) == (16, 5e-5)
+    assert (rte.teacher.batch_size, rte.teacher.learning_rate, rte.teacher.num_epochs) == (16, 3e-5, 4)
+    sst2 = load_recipe("sst2", profiles=["cpu-full"])
+    assert sst2.teacher.num_epochs == 1 and sst2.stages[0].training.max_steps == 3750
+    for recipe in (cola, stsb, rte, sst2):
+        assert recipe.max_train_samples is None and recipe.max_eval_samples is None and recipe.max_seq_length is None
+        stage = recipe.stages[0]
+        assert stage.quantization.bits_label == "1-1-1" and stage.quantization.binarize_attention
+        assert stage.quantization.ffn_activation == "relu" and stage.quantization.weight_scale_gradient == "detached"
+        assert stage.training.eval_every in ("epoch", 750) and stage.training.keep_best
+
+
+@pytest.mark.parametrize("tasks,message", [({"stsbb": {}}, "unknown GLUE task 'stsbb'"),
+                                           ({"stsb": 3}, "must be a mapping of settings"),
+                                           ([1], "must map task names to settings")])
+def test_profile_task_sections_are_validated(tmp_path, tasks, message):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"tasks": tasks}))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("stsb", profiles=[str(profile)])
+
+
+def test_cpu_full_runs_end_to_end_on_a_tiny_slice(tmp_path, minilm_path, glue_mirror, monkeypatch, capsys):
+    """The shipped profile as is, on the real MiniLM and real STS-B, cut to a few examples."""
+    from surge_nlp.cli import main
+
+    monkeypatch.setenv("SURGE_NLP_GLUE_DATASET", str(glue_mirror))
+    args = ["glue", "stsb", "--profile", "cpu-full", "--output", str(tmp_path / "out"),
+            "--max-train-samples", "32", "--max-eval-samples", "16", "--set", "teacher.num_epochs=1",
+            "--set", "distill.num_epochs=2"]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    stage = results["stages"][0]
+    assert stage["bits"] == "1-1-1" and stage["steps"] == 4 and stage["selected"] == "best"
+    assert [r["step"] for r in stage["eval_history"]] == [2, 4]
+    best = max(stage["eval_history"], key=lambda r: r["combined_score"])
+    assert stage["best_step"] == best["step"]
+    assert stage["metrics"]["validation"]["combined_score"] == pytest.approx(best["combined_score"], abs=1e-6)
+    config = json.loads((tmp_path / "out" / "student" / "config.json").read_text())["quantization_config"]
+    assert config["ffn_activation"] == "relu" and config["checkpoint_format"] == "packed"
+    assert "student w1e1a1" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# The ladder runner
+
+
+@pytest.fixture
+def ladder_module():
+    sys.path.insert(0, str(REPO / "recipes"))
+    try:
+        import benchmark_ladder
+
+        yield benchmark_ladder
+    finally:
+        sys.path.remove(str(REPO / "recipes"))
+
+
+def test_shipped_ladder_has_the_issue_rows(ladder_module):
+    ladder = ladder_module.load_ladder(REPO / "recipes" / "ladder.yaml")
+    rows = ladder["rows"]
+    assert {"w1a1", "w1a1_fp_embeddings", "w1a2", "w1a4", "w1a1_multistep"} <= set(rows)
+    bits = {name: [s.quantization.activation_bits for s in ladder_module.row_recipe(ladder, name, "stsb").stages] for name in rows}
+    assert bits["w1a1"] == [1] and bits["w1a2"] == [2] and bits["w1a4"] == [4] and bits["w1a1_multistep"] == [2, 1]
+    ablations = {name: ladder_module.row_recipe(ladder, name, "mrpc").stages for name in rows if name.startswith("ablate_")}
+    assert ablations["ablate_gelu_ffn"][0].quantization.ffn_activation == "gelu"
+    assert ablations["ablate_scale_through"][0].quantization.weight_scale_gradient == "through"
+    assert ablations["ablate_shift_at_scale_lr"][0].training.shift_lr == 1e-4
+    assert ablations["ablate_multistep_reset_shifts"][1].keep_shifts is False
+    assert all(ladder_module.row_tasks(ladder, name) == ["stsb", "mrpc"] for name in ablations)
+    w1a1 = ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0]
+    assert w1a1.training.shift_lr == w1a1.training.learning_rate and w1a1.quantization.embedding_bits == 1
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"rows": {"x": {"bits": 1}}}, "row 'x' must be a mapping with keys among"),
+    ({"rows": {"x": {"tasks": ["nope"]}}}, "unknown GLUE task 'nope'"),
+    ({"rows": {"x": {"quantization": {"activation_bits": 3}}}}, "activation_bits=3 is invalid"),
+    ({"rows": {"x": {"stages": []}}}, "must be a non-empty list"),
+    ({"profiles": ["nope"], "rows": {"x": {}}}, "no profile named 'nope'"),
+])
+def test_ladder_file_errors_name_the_field(ladder_module, tmp_path, content, message):
+    path = tmp_path / "ladder.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises((ladder_module.LadderError, RecipeError), match=message):
+        ladder_module.load_ladder(path)
+
+
+def test_ladder_runs_resumably_and_tabulates(ladder_module, tmp_path, minilm_path, glue_mirror, monkeypatch, capsys):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    monkeypatch.setenv("SURGE_NLP_GLUE_DATASET", str(glue_mirror))
+    base = tmp_path / "tiny"
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    profile = tmp_path / "tiny-profile.yaml"
+    profile.write_text(yaml.safe_dump({"model": str(base), "max_train_samples": 24, "max_eval_samples": 16,
+                                       "teacher": {"num_epochs": 1, "batch_size": 8},
+                                       "distill": {"num_epochs": 2, "batch_size": 8, "learning_rate": 1e-3}}))
+    ladder = tmp_path / "ladder.yaml"
+    ladder.write_text(yaml.safe_dump({"profiles": ["cpu-full", str(profile)], "tasks": ["rte"],
+                                      "rows": {"w1a1": {}, "w1a1_multistep": {"stages": [
+                                          {"quantization": {"activation_bits": 2}, "training": {"num_epochs": 1}},
+                                          {"training": {"num_epochs": 1}}]}}}))
+    argv = ["--ladder", str(ladder), "--output", str(tmp_path / "runs"), "--teachers", str(tmp_path / "teachers")]
+    ladder_module.main(["run", *argv])
+    out = capsys.readouterr().out
+    assert "w1a1 rte: accuracy=" in out and "w1a1_multistep rte: accuracy=" in out
+    first = json.loads((tmp_path / "runs" / "w1a1" / "rte" / "results.json").read_text())
+    ladder_module.main(["run", *argv, "--row", "w1a1"])  # finished: not redone
+    assert json.loads((tmp_path / "runs" / "w1a1" / "rte" / "results.json").read_text()) == first
+    table_json = tmp_path / "table.json"
+    ladder_module.main(["table", *argv, "--json", str(table_json)])
+    table = json.loads(table_json.read_text())
+    teacher_metrics = json.loads((tmp_path / "teachers" / "rte" / "teacher" / "teacher_metrics.json").read_text())
+    assert table["teacher"] == {"rte": pytest.approx(100 * teacher_metrics["metrics"]["validation"]["accuracy"])}
+    rows = {row["name"]: row for row in table["rows"]}
+    assert rows["w1a1"]["bits"] == "1-1-1" and rows["w1a1"]["activation_bits"] == 1 and not rows["w1a1"]["multistep"]
+    assert rows["w1a1"]["metrics"]["rte"] == pytest.approx(100 * first["stages"][-1]["metrics"]["validation"]["accuracy"])
+    assert rows["w1a1_multistep"]["multistep"] and rows["w1a1_multistep"]["stages"] == ["w1e1a2", "w1e1a1"]
+    assert rows["w1a1"]["wall_s"]["rte"] > 0 and "--row w1a1 --task rte" in rows["w1a1"]["command"]["rte"]
+    assert "| w1a1 | 1-1-1 |" in capsys.readouterr().out
