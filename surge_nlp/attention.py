@@ -5,7 +5,9 @@ other encoders that dispatch through `ALL_ATTENTION_FUNCTIONS` run it without pa
 code. Each self-attention module owns an `AttentionQuantizers` submodule (`surge_attention`)
 with learnable scales/shifts: Q, K, V signed (`alpha * sign(x - beta)` at 1 bit), the post-softmax
 probabilities unsigned (`alpha * round(clip((p - beta)/alpha, 0, 1))`), so that both matmuls
-Q.K^T and P.V take quantized operands on both sides.
+Q.K^T and P.V take quantized operands on both sides. With `SurgeConfig(compensate_attention=True)`
+the module also holds one `GradientCompensator` per operand, and in training both products run
+through `compensated_matmul` (DPGC/AGS at the attention matmuls; the forward value is unchanged).
 """
 
 from __future__ import annotations
@@ -16,25 +18,37 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from .binarizers import ActivationQuantizer
+from .compensator import GradientCompensator, compensated_matmul
 from .surrogates import make_surrogate
 
 ATTENTION_IMPLEMENTATION = "surge"
 
 
-class AttentionQuantizers(nn.Module):
-    """The four activation quantizers of one self-attention module (shapes: batch, heads, tokens, dim)."""
+OPERANDS = ("query", "key", "value", "probs")
 
-    def __init__(self, num_heads: int, head_dim: int, bits: int, estimator: str) -> None:
+
+class AttentionQuantizers(nn.Module):
+    """The four activation quantizers of one self-attention module (shapes: batch, heads, tokens, dim),
+    and with `compensator` ("dpgc"/"surge") a `GradientCompensator` per operand in `compensators`."""
+
+    def __init__(self, num_heads: int, head_dim: int, bits: int, estimator: str,
+                 compensator: str | None = None, eta: float = 0.5) -> None:
         super().__init__()
         per_channel = (num_heads, 1, head_dim)
         self.query = ActivationQuantizer(bits, signed=True, surrogate=make_surrogate(estimator), shift_shape=per_channel)
         self.key = ActivationQuantizer(bits, signed=True, surrogate=make_surrogate(estimator), shift_shape=per_channel)
         self.value = ActivationQuantizer(bits, signed=True, surrogate=make_surrogate(estimator), shift_shape=per_channel)
         self.probs = ActivationQuantizer(bits, signed=False, surrogate=make_surrogate(estimator), shift_shape=(1,))
+        self.compensators = None if compensator is None else nn.ModuleDict(
+            {operand: GradientCompensator(compensator, eta) for operand in OPERANDS})
 
     def reset_parameters(self) -> None:
         for quantizer in (self.query, self.key, self.value, self.probs):
             quantizer.reset_parameters()
+
+    def compensating(self) -> bool:
+        """Whether this forward runs the products through DPGC (training with gradients)."""
+        return self.compensators is not None and self.training and torch.is_grad_enabled()
 
 
 def surge_attention_forward(
@@ -56,18 +70,33 @@ def surge_attention_forward(
         )
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    query, key, value = quantizers.query(query), quantizers.key(key), quantizers.value(value)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+
+    quantized: list[torch.Tensor] = []  # the quantized map, returned as the attention weights
+
+    def quantize_probs(probs: torch.Tensor) -> torch.Tensor:
+        probs = quantizers.probs(probs)
+        if attention_mask is not None:
+            # A learned negative shift would lift masked (zero) probabilities to alpha: keep padding out.
+            probs = probs.masked_fill(attention_mask <= torch.finfo(attention_mask.dtype).min / 2, 0.0)
+        quantized.append(probs)
+        return probs
+
+    compensators = quantizers.compensators if quantizers.compensating() else None
+    if compensators is not None:
+        scores = compensated_matmul(query, key, quantizers.query, quantizers.key, compensators["query"],
+                                    compensators["key"], scaling, transpose_b=True)
+    else:
+        scores = torch.matmul(quantizers.query(query), quantizers.key(key).transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
     probs = nn.functional.softmax(scores, dim=-1)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    probs = quantizers.probs(probs)
-    if attention_mask is not None:
-        # A learned negative shift would lift masked (zero) probabilities to alpha: keep padding out.
-        probs = probs.masked_fill(attention_mask <= torch.finfo(attention_mask.dtype).min / 2, 0.0)
-    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    return output, probs
+    if compensators is not None:
+        output = compensated_matmul(probs, value, quantize_probs, quantizers.value, compensators["probs"],
+                                    compensators["value"])
+    else:
+        output = torch.matmul(quantize_probs(probs), quantizers.value(value))
+    return output.transpose(1, 2).contiguous(), quantized[0]
 
 
 def register_attention() -> None:

@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def recipe_args(p: argparse.ArgumentParser, teacher_required: bool | None) -> None:
         p.add_argument("task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
-        p.add_argument("--recipe", help="a recipe .yaml (default: recipes/glue/TASK.yaml)")
+        p.add_argument("--recipe", help="a recipe .yaml (default: the shipped TASK recipe, surge_nlp/recipes/glue/TASK.yaml)")
         p.add_argument("--profile", action="append", default=[], help="overlay a profile (repeatable): cpu, multistep, or a .yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. distill.num_epochs=1")
         p.add_argument("--dataset", help="GLUE dataset: Hub id or local mirror (default $SURGE_NLP_GLUE_DATASET or nyu-mll/glue)")

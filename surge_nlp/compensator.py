@@ -15,6 +15,11 @@ far the binary surrogate's gradient points away from the full-precision one that
 The auxiliary branch is an autograd function whose forward returns the binary output unchanged
 (bit-exact, and no extra matmul) and whose backward computes `g_a` and `W_a`'s gradient.
 
+`compensated_matmul` applies the same idea to a product of two activations (attention's Q.K^T and
+P.V): each operand is forked, the binary product runs on the quantized operands, and the
+full-precision product of the unquantized operands is the auxiliary path, cancelled in the
+forward; each operand's compensator combines its two gradients with AGS.
+
 Example:
     >>> import torch
     >>> from surge_nlp.compensator import GradientCompensator
@@ -29,6 +34,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -91,6 +98,26 @@ class _LowRankAuxiliaryBranch(torch.autograd.Function):
         return grad_y, grad_x, grad_u, grad_v
 
 
+class _AuxiliaryProduct(torch.autograd.Function):
+    """Forward: returns the binary product y_b as is. Backward: g_y flows to y_b unchanged, and the
+    full-precision product `scale * a @ b`'s gradients `scale * g_y b^T` (to a) and `scale * a^T g_y`
+    (to b) are added, on the unquantized operands."""
+
+    @staticmethod
+    def forward(ctx, y_binary: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float):
+        ctx.save_for_backward(a, b)
+        ctx.scale = scale
+        return y_binary.view_as(y_binary)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        a, b = ctx.saved_tensors
+        scaled = grad_y * ctx.scale
+        grad_a = torch.matmul(scaled, b.transpose(-1, -2).to(scaled.dtype)) if ctx.needs_input_grad[1] else None
+        grad_b = torch.matmul(a.transpose(-1, -2).to(scaled.dtype), scaled) if ctx.needs_input_grad[2] else None
+        return grad_y, grad_a, grad_b, None
+
+
 class GradientCompensator(nn.Module):
     """DPGC fork and gradient combination for one layer; `last_lambda` is the latest lambda used,
     `last_alignment` the cosine between that backward's binary and auxiliary input gradients."""
@@ -150,3 +177,40 @@ class GradientCompensator(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, eta={self.eta}"
+
+
+def compensated_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    quantize_a: Callable[[torch.Tensor], torch.Tensor],
+    quantize_b: Callable[[torch.Tensor], torch.Tensor],
+    compensator_a: GradientCompensator,
+    compensator_b: GradientCompensator,
+    scale: float = 1.0,
+    transpose_b: bool = False,
+) -> torch.Tensor:
+    """`quantize_a(a) @ quantize_b(b) * scale` (b transposed in its last two dims after quantizing when
+    `transpose_b`), with DPGC at both operands.
+
+    The value is the binary product, computed exactly as without compensation. Each operand's
+    gradient is `g_b + lambda * g_a`: g_b through its quantizer's surrogate, g_a the gradient of the
+    full-precision product `a @ b * scale` of the unquantized operands, lambda from its compensator.
+
+    Example:
+        >>> import torch
+        >>> from surge_nlp.compensator import GradientCompensator, compensated_matmul
+        >>> a, b = torch.randn(2, 3, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+        >>> sign = lambda x: x + (torch.sign(x) - x).detach()
+        >>> y = compensated_matmul(a, b, sign, sign, GradientCompensator("surge", 0.5), GradientCompensator("surge", 0.5))
+        >>> bool(torch.equal(y, torch.sign(a) @ torch.sign(b)))
+        True
+    """
+    a_binary, a_auxiliary = compensator_a.fork(a)
+    b_binary, b_auxiliary = compensator_b.fork(b)
+    a_quantized, b_quantized = quantize_a(a_binary), quantize_b(b_binary)
+    if transpose_b:
+        b_quantized, b_auxiliary = b_quantized.transpose(-1, -2), b_auxiliary.transpose(-1, -2)
+    product = torch.matmul(a_quantized, b_quantized)
+    if scale != 1.0:
+        product = product * scale
+    return _AuxiliaryProduct.apply(product, a_auxiliary, b_auxiliary, scale)

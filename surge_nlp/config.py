@@ -62,6 +62,10 @@ class SurgeConfig(QuantizationConfigMixin):
             Only with estimator "dpgc" or "surge".
         binarize_attention: also quantize Q, K, V and the attention probabilities, so that every matmul
             of the encoder runs on quantized operands (BiT); requires activation_bits < 32.
+        compensate_attention: also put DPGC/AGS at the binarized attention products Q.K^T and P.V:
+            each operand's gradient becomes `g_b + lambda * g_a`, with g_a the gradient of the
+            full-precision product of the unquantized operands (`surge_nlp.compensator.compensated_matmul`).
+            Requires binarize_attention and estimator "dpgc" or "surge"; no extra weights, nothing saved.
         modules_to_not_convert: module names (or dotted suffixes/prefixes) kept in full precision.
             The pooler is binarized (BiBERT/BiT's size count) only when "pooler" is removed from it.
         ffn_activation: "gelu" (default) keeps the checkpoint's FFN activation and binarizes the
@@ -86,6 +90,7 @@ class SurgeConfig(QuantizationConfigMixin):
     base_estimator: str = "clipped_ste"
     eta: float = 0.5
     binarize_attention: bool = True
+    compensate_attention: bool = False
     aux_rank: int | None = None
     ffn_activation: str = "gelu"
     weight_scale_gradient: str = "through"
@@ -124,6 +129,14 @@ class SurgeConfig(QuantizationConfigMixin):
             raise ValueError(
                 "SurgeConfig.binarize_attention=True is invalid with activation_bits=32; allowed values: "
                 "binarize_attention=False, or activation_bits in (1, 2, 4, 8)"
+            )
+        if not isinstance(self.compensate_attention, bool):
+            raise ValueError(f"SurgeConfig.compensate_attention={self.compensate_attention!r} is invalid; allowed values: True, False")
+        if self.compensate_attention and not (self.binarize_attention and self.has_auxiliary_branch):
+            raise ValueError(
+                "SurgeConfig.compensate_attention=True is invalid with "
+                f"binarize_attention={self.binarize_attention!r}, estimator={self.estimator!r}; allowed values: "
+                f"compensate_attention=False, or binarize_attention=True with estimator in {COMPENSATED_ESTIMATORS}"
             )
         if self.modules_to_not_convert is None:
             self.modules_to_not_convert = []

@@ -118,7 +118,9 @@ def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to
             if should_convert_module(name, skip):
                 attention = model.get_submodule(name)
                 device = next(attention.parameters()).device
-                attention.surge_attention = AttentionQuantizers(num_heads, head_dim, config.activation_bits, config.binary_estimator).to(device)
+                compensator = config.estimator if config.compensate_attention else None
+                attention.surge_attention = AttentionQuantizers(num_heads, head_dim, config.activation_bits, config.binary_estimator,
+                                                                compensator=compensator, eta=config.eta).to(device)
         model.config._attn_implementation = ATTENTION_IMPLEMENTATION
         for sub in model.modules():
             sub_config = getattr(sub, "config", None)

@@ -1,10 +1,11 @@
 """GLUE recipes: YAML configuration, merged in layers and validated at the boundary.
 
-A recipe is `recipes/glue/defaults.yaml` (what every task shares: BERT-base scale, METHOD.md
-section 2), overlaid by the task's file (`recipes/glue/<task>.yaml`: its learning rate, epochs,
-batch size), then optionally by profiles in order (`recipes/glue/profiles/<name>.yaml`, e.g. `cpu`: the
+A recipe is `defaults.yaml` (what every task shares: BERT-base scale, METHOD.md section 2),
+overlaid by the task's file (`<task>.yaml`: its learning rate, epochs, batch size), then
+optionally by profiles in order (`profiles/<name>.yaml`, e.g. `cpu`: the
 MiniLM teacher on two CPU cores in bounded time), then by command-line overrides. Mappings merge
-key by key; lists (the distillation `stages`) are replaced whole. A profile may hold a `tasks:`
+key by key; lists (the distillation `stages`) are replaced whole. The shipped recipes are package
+data (`surge_nlp/recipes/glue/`, read through `importlib.resources`), so an installed wheel has them. A profile may hold a `tasks:`
 mapping, task name -> settings, laid over the recipe after the rest of the profile, for that task
 only (e.g. `cpu-full`'s per-task teacher learning rates).
 
@@ -21,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import copy
-import sys
+from importlib import resources
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +44,9 @@ class RecipeError(ValueError):
     """A recipe file is missing, unreadable, or holds an invalid value."""
 
 
-def recipe_dirs() -> list[Path]:
-    """Where recipes are looked up: the source checkout's `recipes/glue`, then the installed copy."""
-    checkout = Path(__file__).resolve().parents[1] / "recipes" / "glue"
-    installed = Path(sys.prefix) / "share" / "surge-nlp" / "recipes" / "glue"
-    return [path for path in (checkout, installed) if path.is_dir()]
+def recipe_dir() -> Path:
+    """The shipped GLUE recipes: `surge_nlp/recipes/glue` inside the installed package."""
+    return Path(str(resources.files("surge_nlp").joinpath("recipes", "glue")))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -151,12 +150,11 @@ def _find(name: str, kind: str) -> Path:
         if not path.is_file():
             raise RecipeError(f"{kind} file {path} does not exist")
         return path
-    subdir = "profiles" if kind == "profile" else ""
-    for directory in recipe_dirs():
-        candidate = directory / subdir / f"{name}.yaml"
-        if candidate.is_file():
-            return candidate
-    available = sorted({p.stem for d in recipe_dirs() for p in (d / subdir).glob("*.yaml") if p.stem != "defaults"})
+    directory = recipe_dir() / ("profiles" if kind == "profile" else "")
+    candidate = directory / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    available = sorted(p.stem for p in directory.glob("*.yaml") if p.stem != "defaults")
     raise RecipeError(f"no {kind} named {name!r}; available: {', '.join(available) or 'none found'} "
                       f"(or pass a .yaml path)")
 

@@ -262,3 +262,18 @@ def test_set_values_parse_as_yaml_with_exponent_numbers():
                       "model": "nan"}
     recipe = load_recipe("rte", profiles=["cpu"], overrides={"distill": parsed["distill"]})
     assert recipe.stages[0].training.learning_rate == 3e-5 and recipe.stages[0].training.eval_every == "epoch"
+
+
+def test_shipped_recipes_are_package_data():
+    import surge_nlp
+    from surge_nlp.glue import GLUE_TASKS
+    from surge_nlp.recipe import recipe_dir
+
+    package = Path(surge_nlp.__file__).parent
+    assert recipe_dir() == package / "recipes" / "glue"
+    for task in GLUE_TASKS:
+        for profiles in ([], ["cpu"], ["cpu-full"], ["cpu", "multistep"]):
+            recipe = load_recipe(task, profiles=profiles)
+            assert all(Path(source).is_relative_to(package) for source in recipe.sources), recipe.sources
+    with pytest.raises(RecipeError, match=r"no profile named 'gpu'; available: cpu, cpu-full, multistep"):
+        load_recipe("rte", profiles=["gpu"])

@@ -57,6 +57,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from ..attention import AttentionQuantizers
 from ..binarizers import ActivationQuantizer
 from ..integration import set_training_progress, surge_linears
 from .config import TrainingConfig
@@ -194,7 +195,10 @@ def check_teacher(student: nn.Module, teacher: nn.Module | None, config: Trainin
 def lambda_statistics(model: nn.Module) -> dict[str, float]:
     """DPGC/SURGE monitoring of the latest backward: lambda per encoder layer (mean, min, max over its
     SurgeLinears) and overall mean, and the cosine between the binary and auxiliary input gradients
-    ("alignment/layer_<i>/mean", "alignment/mean"); empty for a model without compensators."""
+    ("alignment/layer_<i>/mean", "alignment/mean"); with `compensate_attention`, the same for the
+    attention products' operands ("attention_lambda/layer_<i>/<operand>", "attention_alignment/...").
+    Empty for a model without compensators."""
+    stats = _attention_compensation_statistics(model)
     lambdas: dict[int, list[float]] = {}
     alignments: dict[int, list[float]] = {}
     for name, linear in surge_linears(model).items():
@@ -204,7 +208,6 @@ def lambda_statistics(model: nn.Module) -> dict[str, float]:
             continue
         lambdas.setdefault(int(match[1]), []).append(value)
         alignments.setdefault(int(match[1]), []).append(linear.last_alignment)
-    stats = {}
     for layer, values in sorted(lambdas.items()):
         stats[f"lambda/layer_{layer}/mean"] = float(np.mean(values))
         stats[f"lambda/layer_{layer}/min"] = float(np.min(values))
@@ -213,6 +216,20 @@ def lambda_statistics(model: nn.Module) -> dict[str, float]:
     if lambdas:
         stats["lambda/mean"] = float(np.mean([v for values in lambdas.values() for v in values]))
         stats["alignment/mean"] = float(np.mean([v for values in alignments.values() for v in values]))
+    return stats
+
+
+def _attention_compensation_statistics(model: nn.Module) -> dict[str, float]:
+    stats = {}
+    for name, module in model.named_modules():
+        match = LAYER_INDEX.search(name + ".")
+        if not isinstance(module, AttentionQuantizers) or module.compensators is None or match is None:
+            continue
+        for operand, compensator in module.compensators.items():
+            value = compensator.last_lambda
+            if value is not None:
+                stats[f"attention_lambda/layer_{match[1]}/{operand}"] = value
+                stats[f"attention_alignment/layer_{match[1]}/{operand}"] = compensator.last_alignment
     return stats
 
 
