@@ -412,6 +412,23 @@ def command_table(args: argparse.Namespace) -> None:
                   f"{first['alignment']:.3f} -> {last['alignment']:.3f} |")
     if args.json:
         write_json_atomically(Path(args.json), report)
+    if args.plot:
+        for table in tables:
+            print(f"bar chart: {plot_table(table, Path(args.plot))}")
+
+
+def plot_table(table: dict[str, Any], directory: Path) -> Path:
+    """A suite's dev metrics as grouped bars (tasks, then the average), mean +- std over the seeds."""
+    from surge_nlp.plots import bar_chart
+
+    groups = table["tasks"] + ["average"]
+    series, errors = {}, {}
+    for row in table["rows"]:
+        cells = [row["tasks"].get(task) for task in table["tasks"]]
+        series[row["variant"]] = [c["mean"] if c else None for c in cells] + [row["average"]]
+        errors[row["variant"]] = [c["std"] if c else None for c in cells] + [None]
+    return bar_chart(groups, series, directory / f"estimators_{table['suite']}.png", errors=errors,
+                     ylabel="dev metric (x100, main metric)", title=f"estimator benchmark, suite {table['suite']}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -427,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     table.add_argument("--output", required=True)
     table.add_argument("--step-benchmark", help="JSON written by benchmark_training_step.py --json")
     table.add_argument("--json", help="also write the tables as JSON here")
+    table.add_argument("--plot", help="also draw each suite's table as a bar chart (PNG) into this directory")
     args = parser.parse_args(argv)
     try:
         (command_run if args.command == "run" else command_table)(args)

@@ -207,6 +207,16 @@ def markdown(result: dict[str, Any], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def plot_table(result: dict[str, Any], tasks: list[str], path: Path) -> Path:
+    """The ladder as grouped bars: one group per task, one bar per row (the FP teacher first)."""
+    from surge_nlp.plots import bar_chart
+
+    series = {"FP teacher": [result["teacher"].get(t) for t in tasks]}
+    series.update({row["name"]: [row["metrics"].get(t) for t in tasks] for row in result["rows"]})
+    labels = [f"{t}\n({result['metric'][t]})" for t in tasks]
+    return bar_chart(labels, series, path, ylabel="dev metric (x100)", title="cpu-full ladder: MiniLM teacher and binary students")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["run", "table"])
@@ -216,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--row", action="append", help="rows to run (default: all, in the file's order)")
     parser.add_argument("--task", action="append", help="tasks to run (default: each row's)")
     parser.add_argument("--json", help="table: also write the JSON here")
+    parser.add_argument("--plot", help="table: also draw it as a bar chart (PNG) at this path")
     args = parser.parse_args(argv)
     try:
         ladder = load_ladder(args.ladder)
@@ -237,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
             print(markdown(result, ladder["tasks"]))
             if args.json:
                 write_json_atomically(Path(args.json), result)
+            if args.plot:
+                print(f"bar chart: {plot_table(result, ladder['tasks'], Path(args.plot))}")
     except (LadderError, RecipeError) as err:
         sys.exit(f"benchmark_ladder: error: {err}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ EXAMPLES = """examples:
   surge-nlp evaluate runs/rte/student --task rte
   surge-nlp predict runs/rte/student --task rte --output runs/rte/submission
   surge-nlp summary runs/rte/student
+  surge-nlp plot runs/rte                 # redraw runs/rte/plots/*.png from the logs
 """
 
 
@@ -84,9 +86,31 @@ def _recipe(args: argparse.Namespace):
     return recipe
 
 
+def _is_main_process() -> bool:
+    # Under `accelerate launch` every process runs the command; only the first prints the results.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _write_plots(run_dir: str | Path) -> list[Path]:
+    from .plots import plot_run
+
+    return plot_run(run_dir)
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    for path in _write_plots(args.run_dir):
+        print(path)
+
+
 def _print_table(result) -> None:
     rows = [("teacher (FP)", "32-32-32", result.teacher["metrics"])]
     rows += [(f"student {s['name']}", s["bits"], s["metrics"]) for s in result.stages]
+    shipped = getattr(result, "shipped", None)
+    if shipped:
+        bits = result.stages[-1]["bits"]
+        rows.append(("  packed, reloaded", bits, shipped["packed"]))
+        if shipped["deployed"] is not None:
+            rows.append(("  deployed (kernels)", bits, shipped["deployed"]))
     print(f"\n{'model':<22} {'W-E-A':<9} {'split':<24} metrics (x100)")
     for name, bits, metrics in rows:
         for split, values in metrics.items():
@@ -99,25 +123,32 @@ def cmd_glue(args: argparse.Namespace) -> None:
     from .summary import summary
 
     recipe = _recipe(args)
-    result = run_glue(recipe, args.output, teacher_path=args.teacher, resume=args.resume, push_to_hub=args.push_to_hub)
+    result = run_glue(recipe, args.output, teacher_path=args.teacher, resume=args.resume, push_to_hub=args.push_to_hub,
+                      report_to=args.report_to, progress=not args.quiet)
+    if not _is_main_process():
+        return
+    _write_plots(args.output)
     _print_table(result)
     from transformers import AutoModelForSequenceClassification
 
     print()
-    summary(AutoModelForSequenceClassification.from_pretrained(result.student_dir))
-    print(f"\npacked student: {result.student_dir}\nresults: {Path(args.output) / 'results.json'}")
+    report = summary(AutoModelForSequenceClassification.from_pretrained(result.student_dir), print_fn=None)
+    print(report.format(layers=args.layers))
+    print(f"\npacked student: {result.student_dir}\nresults: {Path(args.output) / 'results.json'}\nplots: {Path(args.output) / 'plots'}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from .pipeline import finetune_teacher
 
-    _, _, info = finetune_teacher(_recipe(args), Path(args.output), resume=args.resume)
+    _, _, info = finetune_teacher(_recipe(args), Path(args.output), resume=args.resume, report_to=args.report_to,
+                                  progress=not args.quiet)
     print(json.dumps(info["metrics"], indent=2))
     print(f"teacher: {Path(args.output) / 'teacher'}")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from .pipeline import PipelineResult, _save_atomically, check_tokenizers, distill_stages, load_teacher, resolve_model
+    from .pipeline import (PipelineResult, _save_atomically, check_tokenizers, distill_stages, evaluate_shipped, load_teacher,
+                           resolve_model)
     from .serialization import set_checkpoint_format
     from transformers import AutoTokenizer
 
@@ -132,11 +163,15 @@ def cmd_distill(args: argparse.Namespace) -> None:
         check_labels(AutoModelForSequenceClassification.from_pretrained(start), recipe.task, "student")
         check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(start), args.teacher, args.student)
     output = Path(args.output)
-    student, stages = distill_stages(recipe, teacher, start, tokenizer, output, resume=args.resume)
+    student, stages = distill_stages(recipe, teacher, start, tokenizer, output, resume=args.resume, report_to=args.report_to,
+                                     progress=not args.quiet)
     set_checkpoint_format(student, "packed")
     _save_atomically(student, output / "student", tokenizer)
-    _print_table(PipelineResult(recipe.task, teacher_info, stages))
-    print(f"packed student: {output / 'student'}")
+    shipped = evaluate_shipped(recipe, output / "student", tokenizer)
+    if _is_main_process():
+        _write_plots(output)
+        _print_table(PipelineResult(recipe.task, teacher_info, stages, shipped=shipped))
+        print(f"packed student: {output / 'student'}")
 
 
 def _load_for_task(path: str, task: str):
@@ -157,6 +192,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     model, tokenizer = _load_for_task(args.model, args.task)
     data = load_glue(args.task, tokenizer, dataset=args.dataset, max_eval_samples=args.max_eval_samples, splits=("validation",))
     metrics = evaluate_model(args.task, model, data, tokenizer, batch_size=args.batch_size)
+    if args.deploy:
+        from .deploy import deploy
+        from .kernels import ops
+
+        if not ops.available():
+            raise ValueError(f"--deploy: the binary kernels cannot be built here ({ops.unavailable_reason()})")
+        deployed = evaluate_model(args.task, deploy(model.eval()), data, tokenizer, batch_size=args.batch_size)
+        metrics = {"simulated": metrics, "deployed": deployed}
     print(json.dumps(metrics, indent=2))
 
 
@@ -182,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surge-nlp", description="SURGE 1-bit BERT: distil, evaluate and package binarized GLUE models.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars (training, data preparation, weight loading)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def recipe_args(p: argparse.ArgumentParser, teacher_required: bool | None) -> None:
@@ -194,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-eval-samples", type=int, help="keep the first N validation examples")
         p.add_argument("--output", required=True, help="output directory")
         p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+        p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb", "mlflow", "all"],
+                       help="experiment tracker for every logged value (default: none; the JSONL log is always written)")
         if teacher_required is not None:
             p.add_argument("--teacher", required=teacher_required, help="fine-tuned FP teacher (path or Hub id)")
 
@@ -201,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     recipe_args(p, teacher_required=False)
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the packed student with a model card")
+    p.add_argument("--layers", action="store_true", help="print the per-layer table of the student summary, not only its totals")
     p.set_defaults(func=cmd_glue)
 
     p = sub.add_parser("finetune", help="fine-tune the full-precision teacher only")
@@ -221,9 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dataset", help="GLUE dataset: Hub id or local mirror")
         p.add_argument("--max-eval-samples", type=int)
         p.add_argument("--batch-size", type=int, default=64)
+        if name == "evaluate":
+            p.add_argument("--deploy", action="store_true",
+                           help="also evaluate surge_nlp.deploy(model) on the binary kernels; prints both")
         if name == "predict":
             p.add_argument("--output", required=True, help="directory for the .tsv files")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("plot", help="(re)draw the PNG plots of a run from its logs into RUN_DIR/plots")
+    p.add_argument("run_dir", help="output directory of surge-nlp glue / distill")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("summary", help="bits, parameters, memory and binary MACs of a model")
     p.add_argument("model", help="model directory or Hub id")
@@ -232,10 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_progress_bars() -> None:
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     import surge_nlp  # noqa: F401  (registers quant_method "surge" before any checkpoint loads)
 
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        _silence_progress_bars()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)

@@ -2,7 +2,8 @@
 
 `push_to_hub(model, repo_id, ...)` saves through the model's own `save_pretrained` (so the Hub gets
 exactly the checkpoint `surge_nlp.serialization` writes, packed by default), adds a `README.md`
-model card (base model, W-E-A bits, estimator, task, metrics when given, how to load it) and
+model card (`model-index` metadata with the GLUE dev results, base model, dataset, W-E-A bits, size,
+estimator, deployed speed when measured, how to load it) and
 uploads the folder with Transformers' Hub client in one commit. SURGE models get it as their
 `model.push_to_hub` method (set by `binarize` and by `from_pretrained`), replacing Transformers'
 generic card with this one.
@@ -24,6 +25,7 @@ import tempfile
 import types
 from typing import Any
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 from transformers.utils import hub as transformers_hub
 
@@ -32,13 +34,33 @@ from .serialization import surge_config_of
 LIBRARY_TAGS = ["surge_nlp", "binarized", "1-bit"]
 
 
+GLUE_DATASET = "nyu-mll/glue"
+
+
+def _eval_results(metrics: dict[str, float], task: str, model_name: str) -> list[EvalResult]:
+    from .glue import GLUE_TASKS
+
+    if task not in GLUE_TASKS:
+        return []
+    return [EvalResult(task_type="text-classification", task_name="Text Classification", dataset_type=GLUE_DATASET,
+                       dataset_name=f"GLUE {task.upper()}", dataset_config=task, dataset_split="validation",
+                       metric_type=name, metric_name=name, metric_value=float(value))
+            for name, value in metrics.items()]
+
+
 def model_card(model: nn.Module, metrics: dict[str, float] | None = None, task: str | None = None,
-               base_model: str | None = None, repo_id: str | None = None, tags: list[str] | None = None) -> str:
-    """The README.md of a SURGE checkpoint (YAML front matter + description + loading snippet).
+               base_model: str | None = None, repo_id: str | None = None, tags: list[str] | None = None,
+               speedup: float | None = None) -> str:
+    """The README.md of a SURGE checkpoint: YAML metadata the Hub reads (library, tags, base model,
+    dataset, and `model-index` with the GLUE dev results, so the Hub shows them as evaluation
+    results), then the description (bits, size, estimator, the measured deployed speed-up when
+    given) and a loading snippet. Built with `huggingface_hub`'s `ModelCard`/`ModelCardData`/`EvalResult`.
 
     `base_model` defaults to the name the model was loaded from; `task` to `config.finetuning_task`;
     `repo_id` is where the loading snippet points; `tags` are added to the library's own.
     """
+    from .summary import summary
+
     config = surge_config_of(model)
     hf_config = model.config
     base_model = base_model or getattr(hf_config, "_name_or_path", "") or "unknown"
@@ -46,20 +68,30 @@ def model_card(model: nn.Module, metrics: dict[str, float] | None = None, task: 
     architecture = (getattr(hf_config, "architectures", None) or [type(model).__name__])[0]
     estimator = config.estimator if not config.has_auxiliary_branch else f"{config.estimator} (base {config.base_estimator}, eta {config.eta})"
     all_tags = LIBRARY_TAGS + [tag for tag in tags or [] if tag not in LIBRARY_TAGS]
-    lines = ["---", "library_name: transformers", "tags:"] + [f"- {tag}" for tag in all_tags]
-    if base_model != "unknown" and not os.path.isabs(base_model):
-        lines.append(f"base_model: {base_model}")
-    lines += ["---", "", f"# {architecture}, binarized with SURGE ({config.bits_label})", ""]
+    model_name = (repo_id or f"{architecture}-surge-{config.bits_label}").split("/")[-1]
+    hub_base_model = base_model if base_model != "unknown" and not os.path.isabs(base_model) and not os.path.exists(base_model) else None
+    eval_results = _eval_results(metrics or {}, task, model_name)
+    card_data = ModelCardData(library_name="transformers", tags=all_tags, base_model=hub_base_model,
+                              datasets=[GLUE_DATASET] if eval_results else None, model_name=model_name,
+                              eval_results=eval_results or None, pipeline_tag="text-classification")
+    totals = summary(model, print_fn=None).totals
+    speed = (f"{speedup:.2f}x over FP32 (`surge_nlp.deploy`, measured)" if speedup is not None
+             else "not measured for this upload")
+    lines = [f"# {architecture}, binarized with SURGE ({config.bits_label})", "", f"- Base model: {base_model}"]
+    if eval_results:
+        lines.append(f"- Dataset: {GLUE_DATASET}, config {task}")
     lines += [
-        f"- Base model: {base_model}",
-        f"- W-E-A bits: {config.bits_label} (weights, word embeddings, activations)",
-        f"- Estimator: {estimator}",
-        f"- Binarized attention: {config.binarize_attention}",
-        f"- Kept in full precision: {', '.join(config.modules_to_not_convert) or 'nothing'}",
         f"- Task: {task}",
+        f"- W-E-A bits: {config.bits_label} (weights, word embeddings, activations)",
+        f"- Size: {totals['deployed_bytes'] / 2**20:.2f} MiB deployed ({totals['compression_ratio']:.1f}x smaller than FP32), "
+        f"{totals['params_1bit']:,} 1-bit and {totals['params_32bit']:,} 32-bit parameters",
+        f"- Estimator: {estimator}",
+        f"- Binarized attention: {config.binarize_attention}; FFN activation: {config.ffn_activation}",
+        f"- Kept in full precision: {', '.join(config.modules_to_not_convert) or 'nothing'}",
         f"- Checkpoint form: {config.checkpoint_format}",
+        f"- Deployed speed: {speed}",
         "",
-        "## Metrics",
+        "## Metrics (GLUE dev)" if eval_results else "## Metrics",
         "",
     ]
     if metrics:
@@ -75,13 +107,14 @@ def model_card(model: nn.Module, metrics: dict[str, float] | None = None, task: 
         "",
         "```python",
         "import surge_nlp  # registers quant_method 'surge'",
-        f"from transformers import AutoModel  # or the Auto class of {architecture}",
+        f"from transformers import AutoModelForSequenceClassification  # or the Auto class of {architecture}",
         "",
-        f'model = AutoModel.from_pretrained("{repo_id or "path/to/this/checkpoint"}")',
+        f'model = AutoModelForSequenceClassification.from_pretrained("{repo_id or "path/to/this/checkpoint"}")',
+        "fast = surge_nlp.deploy(model.eval())  # XNOR/popcount kernels for inference",
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, metrics: dict[str, float] | None = None, task: str | None = None,

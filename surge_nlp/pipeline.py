@@ -91,6 +91,15 @@ def check_tokenizers(teacher_tokenizer: PreTrainedTokenizerBase, student_tokeniz
                             "vocabularies; distil between models that share a tokenizer")
 
 
+def set_label_names(model: nn.Module, task_name: str) -> None:
+    """Give a model of the task's label count the task's label names (and STS-B's regression type),
+    e.g. a teacher fine-tuned elsewhere whose config says LABEL_0, LABEL_1."""
+    labels = get_task(task_name).label_config()
+    if model.config.num_labels == labels.pop("num_labels"):
+        for key, value in labels.items():
+            setattr(model.config, key, value)
+
+
 def check_labels(model: nn.Module, task_name: str, what: str) -> None:
     task = get_task(task_name)
     if model.config.num_labels != task.num_labels:
@@ -108,7 +117,8 @@ def validation_metrics(recipe: Recipe, model: nn.Module, data: GlueData, tokeniz
 
 
 def _train_stage(model: nn.Module, config: TrainingConfig, data: GlueData, tokenizer, output_dir: Path,
-                 teacher: nn.Module | None, resume: bool) -> dict[str, Any]:
+                 teacher: nn.Module | None, resume: bool, report_to: str | list[str] | None = None,
+                 progress: bool = True) -> dict[str, Any]:
     """Train one stage. With `config.eval_every`, the task's first validation split is evaluated
     while training and the stage ends with the weights of its best main metric (`keep_best`)."""
     loader = make_dataloader(data.train, tokenizer, batch_size=config.batch_size, shuffle=True, seed=config.seed)
@@ -119,7 +129,8 @@ def _train_stage(model: nn.Module, config: TrainingConfig, data: GlueData, token
         metric_fn = lambda predictions, references: compute_metrics(task, predictions, references)  # noqa: E731
     started = time.perf_counter()
     result = train(model, loader, config, teacher=teacher, output_dir=output_dir, resume=resume,
-                   eval_loader=eval_loader, metric_fn=metric_fn, best_metric=task.main_metric)
+                   eval_loader=eval_loader, metric_fn=metric_fn, best_metric=task.main_metric, report_to=report_to,
+                   progress=progress)
     info: dict[str, Any] = {"steps": result.steps, "wall_time_s": time.perf_counter() - started, "seed": config.seed,
                             "selected": result.selected, "best_step": result.best_step}
     if eval_loader is not None:
@@ -128,7 +139,36 @@ def _train_stage(model: nn.Module, config: TrainingConfig, data: GlueData, token
     return info
 
 
-def finetune_teacher(recipe: Recipe, output_dir: Path, resume: bool = False) -> tuple[nn.Module, PreTrainedTokenizerBase, dict]:
+# The task heads that from_pretrained creates fresh on a base model (BERT/RoBERTa/DistilBERT/...).
+TASK_HEADS = ("classifier", "pre_classifier", "score")
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+def load_with_fresh_head(model_path: str, **kwargs) -> nn.Module:
+    """`AutoModelForSequenceClassification.from_pretrained` of a base model, without Transformers'
+    load report for the task head it is expected to initialise fresh ("classifier.weight MISSING");
+    anything else the load finds (other missing, unexpected or mismatched weights) is still reported."""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _DropLoadReport()
+    report_logger.addFilter(quiet)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(model_path, output_loading_info=True, **kwargs)
+    finally:
+        report_logger.removeFilter(quiet)
+    surprising = {"missing": sorted(key for key in info["missing_keys"] if key.split(".")[0] not in TASK_HEADS),
+                  "unexpected": sorted(info["unexpected_keys"]), "mismatched": sorted(map(str, info["mismatched_keys"]))}
+    if any(surprising.values()):
+        logger.warning("loading %s: %s", model_path,
+                       "; ".join(f"{kind} weights {', '.join(keys)}" for kind, keys in surprising.items() if keys))
+    return model
+
+
+def finetune_teacher(recipe: Recipe, output_dir: Path, resume: bool = False,
+                     report_to: str | list[str] | None = None, progress: bool = True) -> tuple[nn.Module, PreTrainedTokenizerBase, dict]:
     """Fine-tune `recipe.model` on the task's labels; saved to `output_dir/teacher`."""
     task = get_task(recipe.task)
     teacher_dir = output_dir / "teacher"
@@ -140,8 +180,8 @@ def finetune_teacher(recipe: Recipe, output_dir: Path, resume: bool = False) -> 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data = load_data(recipe, tokenizer)
     torch.manual_seed(recipe.teacher.seed)  # the classifier head's initialisation
-    teacher = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels)
-    info = _train_stage(teacher, recipe.teacher, data, tokenizer, output_dir / "teacher_training", None, resume)
+    teacher = load_with_fresh_head(model_path, **task.label_config())
+    info = _train_stage(teacher, recipe.teacher, data, tokenizer, output_dir / "teacher_training", None, resume, report_to, progress)
     info["metrics"] = validation_metrics(recipe, teacher, data, tokenizer)
     info["model"] = recipe.model
     _save_atomically(teacher, teacher_dir, tokenizer)
@@ -179,6 +219,8 @@ class PipelineResult:
     stages: list[dict[str, Any]] = field(default_factory=list)
     student_dir: str | None = None
     summary: dict[str, Any] | None = None
+    # What is shipped, measured: the packed student reloaded from disk, and its deployed form.
+    shipped: dict[str, Any] | None = None
 
     @property
     def student(self) -> dict[str, Any]:
@@ -186,7 +228,8 @@ class PipelineResult:
 
 
 def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, tokenizer, output_dir: Path,
-                   resume: bool = False) -> tuple[nn.Module, list[dict[str, Any]]]:
+                   resume: bool = False, report_to: str | list[str] | None = None,
+                   progress: bool = True) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Run the recipe's stages; stage 1's student starts from `teacher_dir`'s weights, each later
     one from the previous student, which is also its teacher. Completed stages are reloaded on resume."""
     data = load_data(recipe, tokenizer)
@@ -201,7 +244,8 @@ def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, 
             info = json.loads((final / "stage.json").read_text())
         else:
             student = build_student(teacher_dir, stage, previous)
-            info = _train_stage(student, stage.training, data, tokenizer, stage_dir, current_teacher, resume)
+            set_label_names(student, recipe.task)
+            info = _train_stage(student, stage.training, data, tokenizer, stage_dir, current_teacher, resume, report_to, progress)
             info.update(name=stage.name, bits=stage.quantization.bits_label, estimator=stage.quantization.estimator,
                         metrics=validation_metrics(recipe, student, data, tokenizer))
             set_checkpoint_format(student, "training")
@@ -223,30 +267,51 @@ def build_student(teacher_dir: str | Path, stage: Stage, previous: nn.Module | N
 
 
 def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = None, resume: bool = False,
-             push_to_hub: str | None = None) -> PipelineResult:
+             push_to_hub: str | None = None, report_to: str | list[str] | None = None,
+             progress: bool = True) -> PipelineResult:
     """The whole pipeline; returns (and writes to results.json) every measured number."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if teacher_path is None:
-        teacher, tokenizer, teacher_info = finetune_teacher(recipe, output_dir, resume)
+        teacher, tokenizer, teacher_info = finetune_teacher(recipe, output_dir, resume, report_to, progress)
         teacher_dir: str | Path = output_dir / "teacher"
     else:
         teacher, tokenizer, teacher_info = load_teacher(recipe, teacher_path)
         teacher_dir = resolve_model(teacher_path)
-    student, stages = distill_stages(recipe, teacher, teacher_dir, tokenizer, output_dir, resume)
+    student, stages = distill_stages(recipe, teacher, teacher_dir, tokenizer, output_dir, resume, report_to, progress)
 
     set_checkpoint_format(student, "packed")
     _save_atomically(student, output_dir / "student", tokenizer)
     report = summary(student, print_fn=None)
-    result = PipelineResult(recipe.task, teacher_info, stages, str(output_dir / "student"), report.totals)
+    shipped = evaluate_shipped(recipe, output_dir / "student", tokenizer)
+    result = PipelineResult(recipe.task, teacher_info, stages, str(output_dir / "student"), report.totals, shipped)
     write_json_atomically(output_dir / "results.json", {"task": recipe.task, "recipe": recipe.sources, "teacher": teacher_info,
-                                              "stages": stages, "student_dir": result.student_dir, "summary": report.totals})
+                                              "stages": stages, "student_dir": result.student_dir, "summary": report.totals,
+                                              "shipped": shipped})
     if push_to_hub:
         from .hub import push_to_hub as push
 
         metrics = next(iter(result.student["metrics"].values()))
         push(student, push_to_hub, metrics=metrics, task=recipe.task, base_model=recipe.model)
     return result
+
+
+def evaluate_shipped(recipe: Recipe, student_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
+    """What is evaluated is what is shipped: the dev metrics of the packed student reloaded from
+    `student_dir` ("packed") and of `surge_nlp.deploy` of it on the binary kernels ("deployed";
+    None, with "deployed_unavailable" saying why, when the kernels cannot be built here)."""
+    from .deploy import deploy
+    from .kernels import ops
+
+    model = AutoModelForSequenceClassification.from_pretrained(student_dir).eval()
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(student_dir)
+    data = load_data(recipe, tokenizer, splits=("validation",))
+    shipped: dict[str, Any] = {"packed": validation_metrics(recipe, model, data, tokenizer), "deployed": None}
+    if ops.available():
+        shipped["deployed"] = validation_metrics(recipe, deploy(model), data, tokenizer)
+    else:
+        shipped["deployed_unavailable"] = ops.unavailable_reason()
+    return shipped
 
 
 def load_teacher(recipe: Recipe, teacher_path: str) -> tuple[nn.Module, PreTrainedTokenizerBase, dict]:
@@ -263,5 +328,5 @@ def load_teacher(recipe: Recipe, teacher_path: str) -> tuple[nn.Module, PreTrain
 
 
 __all__ = ["PipelineError", "PipelineResult", "build_student", "check_labels", "check_tokenizers",
-           "distill_stages", "finetune_teacher", "inherit_weights", "load_teacher", "resolve_model", "run_glue",
+           "distill_stages", "evaluate_shipped", "finetune_teacher", "inherit_weights", "load_teacher", "resolve_model", "run_glue", "set_label_names",
            "write_json_atomically"]

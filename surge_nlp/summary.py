@@ -53,16 +53,20 @@ class ModelSummary:
         return {"layers": [asdict(layer) for layer in self.layers], "totals": dict(self.totals)}
 
     def __str__(self) -> str:
+        return self.format(layers=True)
+
+    def format(self, layers: bool = True) -> str:
+        """The report: the per-layer table (with `layers`) and the totals."""
         header = f"{'layer':<48} {'W':>3} {'A':>3} {'1-bit params':>13} {'32-bit params':>14} {'memory KiB':>11}  engine"
-        lines = [header, "-" * len(header)]
-        for layer in self.layers:
+        lines = [header, "-" * len(header)] if layers else []
+        for layer in self.layers if layers else []:
             lines.append(
                 f"{layer.name:<48} {layer.weight_bits:>3} {layer.input_bits:>3} {layer.params_1bit:>13,} "
                 f"{layer.params_32bit:>14,} {layer.memory_bytes / 1024:>11.1f}  {layer.engine}"
             )
         t = self.totals
+        lines += ["-" * len(header)] if layers else []
         lines += [
-            "-" * len(header),
             f"binarized layers:          {t['binarized_layers']}",
             f"on binary kernels:         {t['kernel_layers']} layers, {t['kernel_attention_modules']} attention modules",
             f"1-bit parameters:          {t['params_1bit']:,}",

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import shutil
+import types
+
 import pytest
 import torch
 
@@ -64,3 +67,32 @@ def fixed_batch(batch_size: int = 8, seq_len: int = 12, vocab: int = 120, seed: 
     attention_mask[0, -4:] = 0  # some padding, so masking is exercised
     labels = torch.randint(0, 2, (batch_size,), generator=g)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.fixture
+def intercepted_hub(tmp_path, monkeypatch):
+    """Replace the Hub client's network calls: record the repo and copy the files a commit would upload."""
+    from huggingface_hub import HfApi
+
+    uploads = {"dir": tmp_path / "uploaded", "commits": []}
+
+    def create_repo(self, repo_id, **kwargs):
+        uploads["repo_id"] = repo_id
+        return types.SimpleNamespace(repo_id=f"user/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        uploads["commits"].append((repo_id, [op.path_in_repo for op in operations], kwargs))
+        for op in operations:
+            target = uploads["dir"] / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(op.path_or_fileobj, target)
+        return types.SimpleNamespace(commit_url="https://hub.invalid/commit/1")
+
+    def no_network(self, *args, **kwargs):
+        raise AssertionError("push_to_hub made an unexpected Hub call")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "create_branch", no_network)
+    monkeypatch.setattr(HfApi, "upload_folder", no_network)
+    return uploads

@@ -143,8 +143,10 @@ def test_benchmark_table_statistics_match_the_run_files(tiny_benchmark, tmp_path
                                  "surge": {"step_s_median": 3.0, "peak_bytes": 130}}))
     report_path = tmp_path / "table.json"
     bench_module.main(["--benchmark", str(benchmark), "table", "--output", str(output), "--step-benchmark", str(steps),
-                       "--json", str(report_path)])
+                       "--json", str(report_path), "--plot", str(tmp_path / "plots")])
     printed = capsys.readouterr().out
+    charts = sorted((tmp_path / "plots").glob("estimators_*.png"))
+    assert charts and all(chart.stat().st_size > 5000 for chart in charts)
     report = json.loads(report_path.read_text())
     rows = {row["variant"]: row for row in report["suites"][0]["rows"]}
     for variant, row in rows.items():

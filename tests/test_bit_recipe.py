@@ -432,8 +432,10 @@ def test_cpu_full_runs_end_to_end_on_a_tiny_slice(tmp_path, minilm_path, glue_mi
     best = max(stage["eval_history"], key=lambda r: r["combined_score"])
     assert stage["best_step"] == best["step"]
     assert stage["metrics"]["validation"]["combined_score"] == pytest.approx(best["combined_score"], abs=1e-6)
-    config = json.loads((tmp_path / "out" / "student" / "config.json").read_text())["quantization_config"]
+    student_config = json.loads((tmp_path / "out" / "student" / "config.json").read_text())
+    config = student_config["quantization_config"]
     assert config["ffn_activation"] == "relu" and config["checkpoint_format"] == "packed"
+    assert student_config["problem_type"] == "regression" and student_config["id2label"] == {"0": "similarity"}
     assert "student w1e1a1" in capsys.readouterr().out
 
 
@@ -519,3 +521,5 @@ def test_ladder_runs_resumably_and_tabulates(ladder_module, tmp_path, minilm_pat
     assert rows["w1a1_multistep"]["multistep"] and rows["w1a1_multistep"]["stages"] == ["w1e1a2", "w1e1a1"]
     assert rows["w1a1"]["wall_s"]["rte"] > 0 and "--row w1a1 --task rte" in rows["w1a1"]["command"]["rte"]
     assert "| w1a1 | 1-1-1 |" in capsys.readouterr().out
+    ladder_module.main(["table", *argv, "--plot", str(tmp_path / "ladder.png")])
+    assert (tmp_path / "ladder.png").stat().st_size > 5000

@@ -277,3 +277,128 @@ def test_shipped_recipes_are_package_data():
             assert all(Path(source).is_relative_to(package) for source in recipe.sources), recipe.sources
     with pytest.raises(RecipeError, match=r"no profile named 'gpu'; available: cpu, cpu-full, multistep"):
         load_recipe("rte", profiles=["gpu"])
+
+
+def test_students_carry_the_task_label_names_and_pipeline_prints_them(rte_run):
+    from transformers import pipeline
+
+    import surge_nlp  # noqa: F401
+
+    out, _ = rte_run
+    config = json.loads((out / "student" / "config.json").read_text())
+    assert config["id2label"] == {"0": "entailment", "1": "not_entailment"}
+    assert config["label2id"] == {"entailment": 0, "not_entailment": 1}
+    teacher = json.loads((out / "teacher" / "config.json").read_text())
+    assert teacher["id2label"] == config["id2label"]
+    classify = pipeline("text-classification", model=str(out / "student"), device="cpu")
+    labels = {result["label"] for result in classify(["A man is eating.", "Nobody is eating."])}
+    assert labels <= {"entailment", "not_entailment"} and labels
+
+
+def test_task_label_names_are_the_datasets_class_names(glue_mirror):
+    import datasets
+
+    from surge_nlp.glue import GLUE_TASKS
+
+    for task in ("cola", "sst2", "mrpc", "rte", "wnli", "qnli", "stsb"):
+        features = datasets.load_dataset(str(glue_mirror), task, split="validation").features
+        expected = tuple(getattr(features["label"], "names", ())) if task != "stsb" else ()
+        assert GLUE_TASKS[task].label_names == expected, task
+    assert GLUE_TASKS["stsb"].label_config() == {"num_labels": 1, "id2label": {0: "similarity"},
+                                                  "label2id": {"similarity": 0}, "problem_type": "regression"}
+
+
+def test_glue_push_to_hub_card_carries_the_measured_dev_results(tmp_path, tiny_base, intercepted_hub, capsys):
+    from huggingface_hub import ModelCard
+
+    recipe = write_recipe(tmp_path / "rte.yaml", "rte", tiny_base)
+    code, _, err = run(capsys, "glue", "rte", "--recipe", recipe, "--output", tmp_path / "out", "--push-to-hub", "me-rte-w1a1")
+    assert code == 0, err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    card = ModelCard((intercepted_hub["dir"] / "README.md").read_text())
+    measured = results["stages"][-1]["metrics"]["validation"]
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == measured
+    assert all(r.dataset_config == "rte" and r.dataset_split == "validation" for r in card.data.eval_results)
+    assert card.data.base_model is None  # a local base model is not a Hub id
+    assert "W-E-A bits: 1-32-1" in card.text and "MiB deployed" in card.text
+
+
+def test_glue_writes_plots_of_the_run(rte_run):
+    out, _ = rte_run
+    names = sorted(path.name for path in (out / "plots").glob("*.png"))
+    # A SURGE student without eval_every: loss terms and lambda/cosine, no dev curve.
+    assert names == ["teacher_training_loss.png", "w1a1_loss.png", "w1a1_surge.png"]
+
+
+def test_glue_evaluates_what_it_ships(rte_run, capsys):
+    from surge_nlp.kernels import ops
+
+    out, _ = rte_run
+    results = json.loads((out / "results.json").read_text())
+    shipped, stage = results["shipped"], results["stages"][-1]["metrics"]
+    assert shipped["packed"] == stage  # the reloaded packed student computes what training measured
+    if ops.available():
+        accuracy = shipped["deployed"]["validation"]["accuracy"]
+        assert abs(accuracy - shipped["packed"]["validation"]["accuracy"]) <= 1 / 24 + 1e-9  # at most one near-tie of 24
+        code, stdout, _ = run(capsys, "evaluate", out / "student", "--task", "rte", "--max-eval-samples", 24, "--deploy")
+        assert code == 0
+        both = json.loads(stdout)
+        assert both["simulated"] == shipped["packed"] and both["deployed"] == shipped["deployed"]
+    else:
+        assert shipped["deployed"] is None and shipped["deployed_unavailable"]
+
+
+def test_glue_prints_totals_and_the_layer_table_on_request(tmp_path, tiny_base, capsys):
+    recipe = write_recipe(tmp_path / "rte.yaml", "rte", tiny_base)
+    code, stdout, _ = run(capsys, "glue", "rte", "--recipe", recipe, "--output", tmp_path / "a")
+    assert code == 0
+    assert "packed, reloaded" in stdout and "binarized layers:" in stdout
+    assert "bert.encoder.layer.0.attention.self.query" not in stdout
+    code, stdout, _ = run(capsys, "glue", "rte", "--recipe", recipe, "--output", tmp_path / "a", "--resume", "--layers")
+    assert code == 0 and "bert.encoder.layer.0.attention.self.query" in stdout
+
+
+def test_only_the_main_process_prints_the_results(rte_run, capsys, monkeypatch):
+    out, recipe = rte_run
+    monkeypatch.setenv("RANK", "1")
+    code, stdout, _ = run(capsys, "glue", "rte", "--recipe", recipe, "--output", out, "--resume")
+    assert code == 0 and stdout == ""
+    monkeypatch.setenv("RANK", "0")
+    code, stdout, _ = run(capsys, "glue", "rte", "--recipe", recipe, "--output", out, "--resume")
+    assert code == 0 and "teacher (FP)" in stdout
+
+
+def test_a_cpu_launch_that_runs_one_process_is_reported(monkeypatch, caplog):
+    import logging
+
+    from accelerate import Accelerator
+
+    from surge_nlp.distill.trainer import _check_process_group, asked_for_processes_but_runs_one
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert asked_for_processes_but_runs_one()
+    with caplog.at_level(logging.WARNING):
+        _check_process_group(Accelerator(cpu=True))
+    assert "runs ONE process" in caplog.text and "--multi_gpu --num_processes N" in caplog.text
+    monkeypatch.delenv("MASTER_ADDR")
+    assert not asked_for_processes_but_runs_one()
+
+
+def test_quiet_silences_every_progress_bar(tmp_path, tiny_base, capfd):
+    import datasets
+    import transformers
+
+    recipe = write_recipe(tmp_path / "rte.yaml", "rte", tiny_base)
+    try:
+        assert main(["-q", "glue", "rte", "--recipe", str(recipe), "--output", str(tmp_path / "out")]) == 0
+        captured = capfd.readouterr()
+        assert "it/s" not in captured.err and "%|" not in captured.err
+        assert "teacher (FP)" in captured.out
+    finally:
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
+        import huggingface_hub
+
+        huggingface_hub.utils.enable_progress_bars()

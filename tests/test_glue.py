@@ -478,3 +478,29 @@ def test_predict_errors(tokenizer, mnli_mirror, tmp_path):
         predict_to_submission("rte", model, data, tokenizer, tmp_path, batch_size=4)
     with pytest.raises(ValueError, match="has no test split"):
         predict_to_submission("mnli", model, data, tokenizer, tmp_path, batch_size=4)
+
+
+def test_the_expected_fresh_head_is_loaded_without_a_load_report(tmp_path, caplog):
+    import logging
+
+    from transformers import BertConfig, BertModel
+
+    from surge_nlp.pipeline import load_with_fresh_head
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=100)).save_pretrained(tmp_path / "base")
+    with caplog.at_level(logging.WARNING):
+        model = load_with_fresh_head(str(tmp_path / "base"), num_labels=3)
+    assert model.config.num_labels == 3 and model.classifier.out_features == 3
+    assert "LOAD REPORT" not in caplog.text and "MISSING" not in caplog.text
+    # Anything else the load finds is still reported.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "base" / "model.safetensors")
+    del weights["encoder.layer.0.output.dense.weight"]
+    save_file(weights, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_with_fresh_head(str(tmp_path / "base"), num_labels=3)
+    assert "missing weights bert.encoder.layer.0.output.dense.weight" in caplog.text
+    assert "classifier" not in caplog.text.split("missing weights")[1]

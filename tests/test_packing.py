@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -448,35 +446,6 @@ def test_loading_without_surge_nlp_fails_loudly(packed_dir):
 # ---------------------------------------------------------------- push_to_hub
 
 
-@pytest.fixture
-def intercepted_hub(tmp_path, monkeypatch):
-    """Replace the Hub client's network calls: record the repo and copy the files a commit would upload."""
-    from huggingface_hub import HfApi
-
-    uploads = {"dir": tmp_path / "uploaded", "commits": []}
-
-    def create_repo(self, repo_id, **kwargs):
-        uploads["repo_id"] = repo_id
-        return types.SimpleNamespace(repo_id=f"user/{repo_id}")
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        uploads["commits"].append((repo_id, [op.path_in_repo for op in operations], kwargs))
-        for op in operations:
-            target = uploads["dir"] / op.path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(op.path_or_fileobj, target)
-        return types.SimpleNamespace(commit_url="https://hub.invalid/commit/1")
-
-    def no_network(self, *args, **kwargs):
-        raise AssertionError("push_to_hub made an unexpected Hub call")
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    monkeypatch.setattr(HfApi, "create_branch", no_network)
-    monkeypatch.setattr(HfApi, "upload_folder", no_network)
-    return uploads
-
-
 def test_push_to_hub_uploads_a_loadable_packed_checkpoint_and_card(tmp_path, intercepted_hub):
     model = _binarized(config=SurgeConfig(embedding_bits=1))
     batch = fixed_batch()
@@ -494,6 +463,11 @@ def test_push_to_hub_uploads_a_loadable_packed_checkpoint_and_card(tmp_path, int
     with safe_open(uploaded / WEIGHTS, "pt") as a, safe_open(tmp_path / "saved" / WEIGHTS, "pt") as b:
         assert a.metadata() == b.metadata()
     card = (uploaded / "README.md").read_text()
+    from huggingface_hub import ModelCard
+
+    (result,) = ModelCard(card).data.eval_results  # the Hub's evaluation results
+    assert (result.dataset_type, result.dataset_config, result.dataset_split) == ("nyu-mll/glue", "rte", "validation")
+    assert (result.metric_type, result.metric_value) == ("accuracy", 0.625)
     for text in ("W-E-A bits: 1-1-1", "Estimator: surge (base clipped_ste, eta 0.5)", "Task: rte", "| accuracy | 0.625 |",
                  "import surge_nlp", 'from_pretrained("user/tiny-surge")', "library_name: transformers", "- surge_nlp\n",
                  "- glue\n"):

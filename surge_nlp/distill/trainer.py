@@ -438,6 +438,30 @@ def _has_accelerator_device() -> bool:
     return device_api.is_available() if device_api is not None else torch.cuda.is_available()
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+TRACKER_PROJECT = "surge_nlp"
+
+
+def resolve_trackers(report_to: str | list[str] | None) -> list[str]:
+    """The tracker names of `report_to` ("none", "all", one name or a list), each checked to be
+    installed; ValueError naming the allowed values or the package to install otherwise."""
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    names = [report_to] if isinstance(report_to, str) or report_to is None else list(report_to)
+    if names in ([None], ["none"]):
+        return []
+    installed = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available(), "mlflow": is_mlflow_available()}
+    if names == ["all"]:
+        return [name for name in TRACKERS if installed[name]]
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(f"report_to={report_to!r} is invalid; allowed values: 'none', 'all', {', '.join(map(repr, TRACKERS))} "
+                             "or a list of them")
+        if not installed[name]:
+            raise ValueError(f"report_to={name!r} needs the {name} package: pip install {name}")
+    return names
+
+
 def _check_process_group(accelerator: Accelerator) -> None:
     # Without this, launched processes that failed to form a group would each train alone and
     # write the same checkpoints.
@@ -445,6 +469,16 @@ def _check_process_group(accelerator: Accelerator) -> None:
     if world_size != accelerator.num_processes:
         raise RuntimeError(f"WORLD_SIZE={world_size} processes were launched but accelerate runs {accelerator.num_processes}; "
                            "launch with `accelerate launch --multi_gpu --num_processes N` (torchrun; gloo on CPU)")
+    if asked_for_processes_but_runs_one():
+        logger.warning("`accelerate launch --cpu --num_processes N` runs ONE process (accelerate's simple launcher); "
+                       "for N CPU processes use `accelerate launch --multi_gpu --num_processes N` (gloo on CPU)")
+
+
+def asked_for_processes_but_runs_one() -> bool:
+    """True under `accelerate launch --cpu --num_processes N>1`: accelerate's simple launcher sets
+    the rendezvous address (MASTER_ADDR) for N processes but starts only this one (no WORLD_SIZE)."""
+    env = os.environ
+    return "MASTER_ADDR" in env and "WORLD_SIZE" not in env and env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
 
 
 def train(
@@ -460,6 +494,7 @@ def train(
     progress: bool = True,
     on_log: Callable[[dict[str, float]], None] | None = None,
     best_metric: str | None = None,
+    report_to: str | list[str] | None = None,
 ) -> TrainResult:
     """Distil `teacher` into `model` (or fine-tune `model` on the labels when teacher is None).
 
@@ -476,6 +511,10 @@ def train(
             the best evaluation (higher is better), e.g. a GLUE task's main metric; None: the eval
             "loss" (lower is better). The model ends with the best evaluation's weights, and
             `TrainResult.metrics` are that evaluation's.
+        report_to: experiment trackers that receive every log record (loss terms, learning rates,
+            lambda and alignment per layer, dev metrics), through accelerate's trackers:
+            "tensorboard", "wandb", "mlflow", a list of them, "all", or None/"none" (default). Their
+            files go under `output_dir` (TensorBoard: `output_dir/surge_nlp/`).
         output_dir: where checkpoints, `training_config.json` and `log_history.jsonl` go.
         resume: continue from the newest checkpoint in output_dir (a fresh start when there is none).
         progress: show a progress bar on the main process.
@@ -500,14 +539,22 @@ def train(
                          "or set eval_every=None")
     selection_key = best_metric or "loss"
 
+    trackers = resolve_trackers(report_to)
     accelerator = Accelerator(
         cpu=not _has_accelerator_device(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         # Epoch e is shuffled with seed + e on every process, so a resumed run sees the same order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        log_with=trackers or None,
+        project_dir=str(output_dir) if trackers else None,
     )
     _check_process_group(accelerator)
+    if trackers:
+        # Tracker hyperparameters must be plain scalars: None becomes "None".
+        hyperparameters = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                           for key, value in config.to_dict().items()}
+        accelerator.init_trackers(TRACKER_PROJECT, config=hyperparameters)
     set_seed(config.seed)
     optimizer = torch.optim.AdamW(parameter_groups(model, config))
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -544,6 +591,8 @@ def train(
         if accelerator.is_main_process:
             with open(output_dir / LOG_FILE, "a") as file:
                 file.write(json.dumps(record) + "\n")
+        if trackers:
+            accelerator.log({key: value for key, value in record.items() if key != "step"}, step=int(record["step"]))
         if on_log is not None:
             on_log(record)
 
@@ -624,6 +673,8 @@ def train(
         if config.keep_best and state.best is not None:
             load_model(student, str(best_weights_path(output_dir, state.best["step"])))
             metrics, best_step = dict(state.best["metrics"]), state.best["step"]
+    if trackers:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     return TrainResult(metrics, list(state.log_history), state.step, time.perf_counter() - started, best_step)
 

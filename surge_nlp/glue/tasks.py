@@ -65,6 +65,22 @@ class GlueTask:
         """Model outputs: number of classes, or 1 for regression."""
         return len(self.label_names) or 1
 
+    def label_config(self) -> dict:
+        """What a model config should carry for this task, so that `pipeline(...)` prints what the
+        task means: `num_labels`, `id2label`/`label2id` from the class names, and for the regression
+        task STS-B `problem_type="regression"` with its one output named "similarity".
+
+        Example:
+            >>> get_task("sst2").label_config()["id2label"]
+            {0: 'negative', 1: 'positive'}
+            >>> get_task("stsb").label_config()["problem_type"]
+            'regression'
+        """
+        names = self.label_names or ("similarity",)
+        return {"num_labels": self.num_labels, "id2label": dict(enumerate(names)),
+                "label2id": {name: index for index, name in enumerate(names)},
+                "problem_type": "regression" if self.is_regression else "single_label_classification"}
+
     @property
     def submission_files(self) -> dict[str, str]:
         """Test split (or diagnostic config) name -> GLUE server file name, e.g. {"test": "RTE.tsv"}."""
