@@ -11,6 +11,7 @@ Example:
 from . import hub
 from .attention import AttentionQuantizers
 from .binarize import binarize
+from .binarizers import calibrate
 from .compensator import GradientCompensator
 from .config import SurgeConfig
 from .deploy import BinaryLinear, deploy
@@ -37,6 +38,7 @@ __all__ = [
     "SurgeHfQuantizer",
     "SurgeLinear",
     "binarize",
+    "calibrate",
     "deploy",
     "pack_model",
     "push_to_hub",

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -76,8 +77,11 @@ class ActivationQuantizer(nn.Module):
         shift_shape: shape of `beta`, broadcast against the input's trailing dims (per channel).
 
     `alpha` is initialised from the first batch it sees (`2 * mean|x| / sqrt(Qp)` signed,
-    `4 * mean|x| / sqrt(Qp)` unsigned), averaged over processes when torch.distributed is running
-    so that every replica starts from the same value; the `initialized` buffer records it.
+    `4 * mean|x| / sqrt(Qp)` unsigned); the `initialized` buffer records it. Under several
+    processes, `surge_nlp.calibrate(model, batch)` (run on every process, as the trainer does)
+    averages it over the processes so that every replica starts from the same value. A forward
+    that calibrates outside `calibrate` never calls a collective (a forward on one rank alone
+    must not hang the run): it calibrates on this process alone and warns when there are several.
     """
 
     def __init__(self, bits: int, signed: bool, surrogate: Surrogate, shift_shape: tuple[int, ...] = (1,)) -> None:
@@ -94,6 +98,8 @@ class ActivationQuantizer(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1))
         self.beta = nn.Parameter(torch.zeros(shift_shape))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        # Set by surge_nlp.calibrate for its one forward on every process: average alpha over them.
+        self.collective_calibration = False
 
     @property
     def precision(self) -> int:
@@ -115,9 +121,14 @@ class ActivationQuantizer(nn.Module):
     def _calibrate(self, x: torch.Tensor) -> None:
         factor = 2.0 if self.signed else 4.0
         alpha = (factor * (x - self.beta).abs().mean() / math.sqrt(self.q_pos)).clamp_min(MIN_SCALE).reshape(1)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(alpha)
-            alpha /= dist.get_world_size()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if self.collective_calibration:
+                dist.all_reduce(alpha)
+                alpha /= dist.get_world_size()
+            else:
+                warnings.warn("an activation quantizer calibrated on this process alone, outside surge_nlp.calibrate: "
+                              "processes may start from different scales; call surge_nlp.calibrate(model, batch) on "
+                              "every process before training", RuntimeWarning, stacklevel=3)
         self.alpha.copy_(alpha.to(self.alpha.dtype))
         self.initialized.fill_(True)
 
@@ -134,3 +145,38 @@ class ActivationQuantizer(nn.Module):
     def extra_repr(self) -> str:
         kind = "signed" if self.signed else "unsigned"
         return f"bits={self.bits}, {kind}, surrogate={self.surrogate!r}, shift_shape={tuple(self.beta.shape)}"
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
+    """Initialise every uncalibrated activation quantizer of `model` from one forward of `inputs`
+    (model keyword arguments, e.g. a batch's `input_ids` and `attention_mask`), in eval mode (no
+    dropout); returns how many it calibrated. Under torch.distributed, call it on every process
+    with that process's batch: the scales are averaged over the processes (the only collective a
+    quantizer makes). Already calibrated quantizers (a loaded checkpoint) are left as they are.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> import surge_nlp
+        >>> model = surge_nlp.binarize(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=64, vocab_size=100)))
+        >>> surge_nlp.calibrate(model, {"input_ids": torch.randint(0, 100, (2, 8))})
+        10
+        >>> surge_nlp.calibrate(model, {"input_ids": torch.randint(0, 100, (2, 8))})
+        0
+    """
+    pending = [m for m in model.modules() if isinstance(m, ActivationQuantizer) and not bool(m.initialized)]
+    if not pending:
+        return 0
+    was_training = model.training
+    model.eval()
+    for quantizer in pending:
+        quantizer.collective_calibration = True
+    try:
+        model(**inputs)
+    finally:
+        for quantizer in pending:
+            quantizer.collective_calibration = False
+        model.train(was_training)
+    return sum(bool(q.initialized) for q in pending)

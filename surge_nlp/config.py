@@ -18,16 +18,25 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .surrogates import SURROGATES
+
 QUANT_METHOD = "surge"
 
 WEIGHT_BITS = (1,)
 ACTIVATION_BITS = (1, 2, 4, 8, 32)
 EMBEDDING_BITS = (1, 32)
-# Surrogates of sign() used by the binary branch; see surge_nlp.surrogates.
-BASE_ESTIMATORS = ("ste", "clipped_ste", "approx_sign", "ede")
 # Estimators with a DPGC auxiliary full-precision branch; see surge_nlp.compensator.
 COMPENSATED_ESTIMATORS = ("dpgc", "surge")
-ESTIMATORS = BASE_ESTIMATORS + COMPENSATED_ESTIMATORS
+
+
+def base_estimators() -> tuple[str, ...]:
+    """Surrogates of sign() for the binary branch: every registered one (surge_nlp.surrogates)."""
+    return tuple(SURROGATES)
+
+
+def estimators() -> tuple[str, ...]:
+    """Every allowed `SurgeConfig.estimator`: the surrogates, then the DPGC/SURGE compensators."""
+    return base_estimators() + COMPENSATED_ESTIMATORS
 DEFAULT_MODULES_TO_NOT_CONVERT = ("pooler", "classifier", "pre_classifier")
 # What save_pretrained writes; see surge_nlp.serialization.
 CHECKPOINT_FORMATS = ("packed", "training")
@@ -104,8 +113,8 @@ class SurgeConfig(QuantizationConfigMixin):
         _check_choice("weight_bits", self.weight_bits, WEIGHT_BITS)
         _check_choice("activation_bits", self.activation_bits, ACTIVATION_BITS)
         _check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
-        _check_choice("estimator", self.estimator, ESTIMATORS)
-        _check_choice("base_estimator", self.base_estimator, BASE_ESTIMATORS)
+        _check_choice("estimator", self.estimator, estimators())
+        _check_choice("base_estimator", self.base_estimator, base_estimators())
         _check_choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         _check_choice("ffn_activation", self.ffn_activation, FFN_ACTIVATIONS)
         _check_choice("weight_scale_gradient", self.weight_scale_gradient, WEIGHT_SCALE_GRADIENTS)

@@ -30,9 +30,11 @@ import torch
 from torch import nn
 
 from .attention import ATTENTION_IMPLEMENTATION, AttentionQuantizers, register_attention
+from .binarizers import ActivationQuantizer
 from .config import SurgeConfig
 from .families import ffn_output_names, set_ffn_activation
 from .layers import SurgeEmbedding, SurgeLinear
+from .surrogates import ProgressDriven
 
 ENCODER_LAYER = re.compile(r"(?:^|\.)(?:encoder|transformer)\.layer\.\d+\.")
 POOLER = re.compile(r"(?:^|\.)pooler\.")
@@ -151,9 +153,8 @@ def reset_surge_state(model: nn.Module) -> None:
 def set_training_progress(model: nn.Module, progress: float) -> None:
     """Tell progress-driven surrogates (EDE) how far training is: 0 at the start, 1 at the end."""
     for module in model.modules():
-        for value in vars(module).values():
-            if hasattr(value, "set_progress"):
-                value.set_progress(progress)
+        if isinstance(module, ActivationQuantizer) and isinstance(module.surrogate, ProgressDriven):
+            module.surrogate.set_progress(progress)
 
 
 def surge_linears(model: nn.Module) -> dict[str, SurgeLinear]:

@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 
 
@@ -37,11 +39,34 @@ class _SurrogateSign(torch.autograd.Function):
         return grad_output * ctx.surrogate.derivative(u), None
 
 
+# name -> class; every Surrogate subclass with a `name` registers itself here (SurgeConfig's
+# allowed estimators come from it).
+SURROGATES: dict[str, type["Surrogate"]] = {}
+
+
+@runtime_checkable
+class ProgressDriven(Protocol):
+    """A surrogate whose shape follows training progress (EDE); the trainer calls `set_progress`."""
+
+    def set_progress(self, progress: float) -> None: ...
+
+
 class Surrogate:
-    """Base class: forward is the exact 1-bit sign, backward multiplies by `derivative(u)`."""
+    """Base class: forward is the exact 1-bit sign, backward multiplies by `derivative(u)`.
+    A subclass with a `name` is registered under it (a second class with the same name raises)."""
 
     name: str = ""
     precision: int = 1
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.name:
+            return
+        current = SURROGATES.get(cls.name)
+        # Re-importing the module re-creates the same classes: replace them, refuse another's.
+        if current is not None and (current.__module__, current.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"surrogate name {cls.name!r} is already registered by {current.__module__}.{current.__qualname__}")
+        SURROGATES[cls.name] = cls
 
     def derivative(self, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -113,9 +138,6 @@ class EDE(Surrogate):
 
     def __repr__(self) -> str:
         return f"EDE(progress={self.progress:.3f}, t={self.t:.3g})"
-
-
-SURROGATES: dict[str, type[Surrogate]] = {cls.name: cls for cls in (STE, ClippedSTE, ApproxSign, EDE)}
 
 
 def make_surrogate(name: str) -> Surrogate:

@@ -523,3 +523,43 @@ def test_ladder_runs_resumably_and_tabulates(ladder_module, tmp_path, minilm_pat
     assert "| w1a1 | 1-1-1 |" in capsys.readouterr().out
     ladder_module.main(["table", *argv, "--plot", str(tmp_path / "ladder.png")])
     assert (tmp_path / "ladder.png").stat().st_size > 5000
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration is an explicit step; an uncalibrated forward never calls a collective
+
+
+def test_calibrate_initialises_every_quantizer_once_in_eval_mode():
+    model = tiny_model("bert", ffn_activation="relu").train()
+    inputs = {k: v for k, v in fixed_batch().items() if k != "labels"}
+    count = sum(isinstance(m, ActivationQuantizer) for m in model.modules())
+    assert surge_nlp.calibrate(model, inputs) == count and model.training  # mode restored
+    scales = [float(m.alpha.detach()) for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    assert surge_nlp.calibrate(model, inputs) == 0
+    assert scales == [float(m.alpha.detach()) for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    assert not any(m.collective_calibration for m in model.modules() if isinstance(m, ActivationQuantizer))
+
+
+def test_an_uncalibrated_forward_on_one_of_several_processes_warns_instead_of_hanging(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        quantizer = ActivationQuantizer(1, signed=True, surrogate=surge_nlp.surrogates.ClippedSTE())
+        calls = []
+        original = dist.get_world_size
+        dist.get_world_size = lambda *a, **k: 2  # as if a second process existed that never runs this forward
+        original_all_reduce = dist.all_reduce
+        dist.all_reduce = lambda *a, **k: calls.append("all_reduce")
+        try:
+            with pytest.warns(RuntimeWarning, match="calibrated on this process alone"):
+                quantizer(torch.randn(4, 3))
+            assert calls == [] and bool(quantizer.initialized)
+            other = ActivationQuantizer(1, signed=True, surrogate=surge_nlp.surrogates.ClippedSTE())
+            other.collective_calibration = True
+            other(torch.randn(4, 3))
+            assert calls == ["all_reduce"]
+        finally:
+            dist.get_world_size, dist.all_reduce = original, original_all_reduce
+    finally:
+        dist.destroy_process_group()

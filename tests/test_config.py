@@ -111,3 +111,25 @@ def test_foreign_registration_is_not_overwritten(monkeypatch):
     monkeypatch.setitem(AUTO_QUANTIZER_MAPPING, "surge", Impostor)
     with pytest.raises(RuntimeError, match="already registered by"):
         surge_nlp.register()
+
+
+def test_registered_surrogates_are_allowed_estimators():
+    from surge_nlp.surrogates import SURROGATES, Surrogate, make_surrogate
+
+    class Linear(Surrogate):
+        name = "test_linear_surrogate"
+
+        def derivative(self, u):
+            return 1 - u.abs().clamp(max=1)
+
+    try:
+        config = SurgeConfig(estimator="test_linear_surrogate", binarize_attention=True)
+        assert config.binary_estimator == "test_linear_surrogate"
+        assert SurgeConfig(estimator="surge", base_estimator="test_linear_surrogate").base_estimator == "test_linear_surrogate"
+        assert isinstance(make_surrogate("test_linear_surrogate"), Linear)
+        with pytest.raises(ValueError, match="already registered"):
+            type("Clash", (Surrogate,), {"name": "test_linear_surrogate", "__module__": "elsewhere"})
+    finally:
+        SURROGATES.pop("test_linear_surrogate")
+    with pytest.raises(ValueError, match=r"estimator='test_linear_surrogate' is invalid; allowed values: 'ste', 'clipped_ste'"):
+        SurgeConfig(estimator="test_linear_surrogate")

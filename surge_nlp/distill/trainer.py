@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ..attention import AttentionQuantizers
-from ..binarizers import ActivationQuantizer
+from ..binarizers import ActivationQuantizer, calibrate
 from ..integration import set_training_progress, surge_linears
 from .config import TrainingConfig
 from .losses import attention_loss, ground_truth_loss, hidden_states_loss, logits_loss
@@ -596,6 +596,10 @@ def train(
         if on_log is not None:
             on_log(record)
 
+    # Explicit, on every process: the activation scales start from one batch, averaged over the processes.
+    if state.step < total_steps and any(isinstance(m, ActivationQuantizer) and not bool(m.initialized) for m in student.modules()):
+        first = next(iter(train_loader))
+        calibrate(student, {key: value.to(accelerator.device) for key, value in model_inputs(first).items()})
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and accelerator.is_local_main_process))
 
     def evaluate_now() -> None:
