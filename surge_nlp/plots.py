@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -140,18 +141,17 @@ def bar_chart(groups: Sequence[str], series: dict[str, Sequence[float | None]], 
     figure, axes = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(series)) * 0.45 + 2), 4.2))
     for index, (label, values) in enumerate(series.items()):
         positions = [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        heights = [v if v is not None else 0.0 for v in values]
+        # A missing value (None) draws no bar and no error bar.
+        heights = [math.nan if v is None else v for v in values]
         yerr = None
         if errors and label in errors:
-            yerr = [e if e is not None else 0.0 for e in errors[label]]
-        bars = axes.bar(positions, heights, width, label=label, yerr=yerr, capsize=2)
-        for bar, value in zip(bars, values):
-            if value is None:
-                bar.set_visible(False)
+            yerr = [math.nan if e is None else e for e in errors[label]]
+        axes.bar(positions, heights, width, label=label, yerr=yerr, capsize=2)
     axes.set_xticks(range(len(groups)), groups)
     axes.set(ylabel=ylabel, title=title)
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize=8, ncol=min(len(series), 4), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    # Outside, right of the axes: clear of the bars and of two-line group labels.
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(figure, path)
