@@ -44,8 +44,9 @@ from surge_nlp.glue import compute_metrics, get_task, make_dataloader
 from surge_nlp.pipeline import build_student, finetune_teacher, load_data, validation_metrics, write_json_atomically
 from surge_nlp.recipe import Recipe, Stage, load_recipe
 
-BENCHMARK_KEYS = ("profiles", "overrides", "variants", "suites")
-SUITE_KEYS = ("variants", "tasks", "seeds", "task_seeds")
+BENCHMARK_KEYS = ("profiles", "overrides", "protocols", "variants", "suites")
+SUITE_KEYS = ("variants", "tasks", "seeds", "task_seeds", "protocol")
+PROTOCOL_KEYS = ("profiles", "overrides")
 BASELINE = "clipped_ste"
 
 
@@ -63,6 +64,10 @@ def load_benchmark(path: str | Path) -> dict[str, Any]:
         raise BenchmarkError(f"{path}: must be a mapping with keys {list(BENCHMARK_KEYS)}")
     data.setdefault("profiles", [])
     data.setdefault("overrides", {})
+    protocols = data.setdefault("protocols", {})
+    if not isinstance(protocols, dict) or not all(isinstance(p, dict) and not set(p) - set(PROTOCOL_KEYS)
+                                                  for p in protocols.values()):
+        raise BenchmarkError(f"{path}: `protocols` must map names to {{profiles, overrides}}")
     variants = data.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise BenchmarkError(f"{path}: `variants` must map names to SurgeConfig fields")
@@ -77,6 +82,8 @@ def load_benchmark(path: str | Path) -> dict[str, Any]:
     for name, suite in suites.items():
         if not isinstance(suite, dict) or set(suite) - set(SUITE_KEYS) or not {"variants", "tasks", "seeds"} <= set(suite):
             raise BenchmarkError(f"{path}: suite {name!r} needs `variants`, `tasks`, `seeds` (optional `task_seeds`)")
+        if suite.get("protocol") is not None and suite["protocol"] not in protocols:
+            raise BenchmarkError(f"{path}: suite {name!r} uses undefined protocol {suite['protocol']!r}; defined: {list(protocols)}")
         unknown = [v for v in suite["variants"] if v not in variants]
         if unknown:
             raise BenchmarkError(f"{path}: suite {name!r} uses undefined variant(s) {unknown}; defined: {list(variants)}")
@@ -96,30 +103,51 @@ def suite_runs(suite: dict[str, Any]) -> list[tuple[str, str, int]]:
             if seed in task_seeds.get(task, suite["seeds"]) for variant in suite["variants"]]
 
 
-def student_recipe(bench: dict[str, Any], task: str) -> Recipe:
-    return load_recipe(task, profiles=bench["profiles"], overrides=bench["overrides"])
+def protocol_settings(bench: dict[str, Any], protocol: str | None) -> tuple[list[str], dict[str, Any]]:
+    """(profiles, overrides) of a protocol; None is the file's top-level ones."""
+    if protocol is None:
+        return bench["profiles"], bench["overrides"]
+    settings = bench["protocols"][protocol]
+    return settings.get("profiles", []), settings.get("overrides", {})
+
+
+def run_root(output: Path, protocol: str | None) -> Path:
+    """Where a protocol's runs live: `<output>` for the top-level protocol, else `<output>/<protocol>`."""
+    return output if protocol is None else output / protocol
+
+
+def run_dir(output: Path, protocol: str | None, task: str, variant: str, seed: int) -> Path:
+    return run_root(output, protocol) / task / variant / f"seed{seed}"
+
+
+def student_recipe(bench: dict[str, Any], task: str, protocol: str | None = None) -> Recipe:
+    profiles, overrides = protocol_settings(bench, protocol)
+    return load_recipe(task, profiles=profiles, overrides=overrides)
 
 
 class TaskContext:
     """A task's teacher, tokenizer, data and teacher metrics, loaded once for all its runs."""
 
-    def __init__(self, bench: dict[str, Any], task: str, output: Path, teachers: Path | None) -> None:
+    def __init__(self, bench: dict[str, Any], task: str, output: Path, teachers: Path | None,
+                 protocol: str | None = None) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.recipe = student_recipe(bench, task)
+        self.protocol = protocol
+        self.recipe = student_recipe(bench, task, protocol)
+        profiles, _ = protocol_settings(bench, protocol)
         if teachers is not None:
             self.teacher_dir = teachers / task / "teacher"
             if not (self.teacher_dir / "config.json").is_file():
                 raise BenchmarkError(f"no fine-tuned teacher at {self.teacher_dir}; run `surge-nlp glue {task} "
                                      f"--output {teachers / task}` first, or leave out --teachers")
         else:  # fine-tune it with the profiles (not the benchmark's student-budget overrides)
-            teacher_recipe = load_recipe(task, profiles=bench["profiles"])
+            teacher_recipe = load_recipe(task, profiles=profiles)
             finetune_teacher(teacher_recipe, output / "teachers" / task, resume=True)
             self.teacher_dir = output / "teachers" / task / "teacher"
         self.teacher = AutoModelForSequenceClassification.from_pretrained(self.teacher_dir).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.teacher_dir)
         self.data = load_data(self.recipe, self.tokenizer)
-        metrics_path = output / task / "teacher.json"
+        metrics_path = run_root(output, protocol) / task / "teacher.json"
         if not metrics_path.is_file():  # on the benchmark's dev slice, once
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomically(metrics_path, {"teacher_dir": str(self.teacher_dir),
@@ -178,15 +206,24 @@ def run_one(bench: dict[str, Any], context: TaskContext, variant: str, seed: int
             log_times.append((int(record["step"]), time.perf_counter()))
 
     train_dir = run_dir / "train"
-    shutil.rmtree(train_dir, ignore_errors=True)  # an interrupted run starts over
-    result = train(student, loader, training, teacher=context.teacher, output_dir=train_dir, progress=False, on_log=on_log)
-    shutil.rmtree(train_dir / "checkpoints", ignore_errors=True)  # the benchmark keeps numbers, not weights
-    dev = dev_evaluation(student, context, training.temperature)
     task = get_task(recipe.task)
+    eval_kwargs: dict[str, Any] = {}
+    if training.eval_every is not None:  # the recipe evaluates while training: best dev epoch kept
+        eval_kwargs = {"eval_loader": make_dataloader(context.data.validation["validation"], context.tokenizer, batch_size=64),
+                       "metric_fn": lambda p, r: compute_metrics(task, p, r), "best_metric": task.main_metric}
+    # An interrupted run resumes from its last trainer checkpoint (same config, same numbers).
+    started = time.perf_counter()
+    result = train(student, loader, training, teacher=context.teacher, output_dir=train_dir, progress=False, on_log=on_log,
+                   resume=True, **eval_kwargs)
+    shutil.rmtree(train_dir / "checkpoints", ignore_errors=True)  # the benchmark keeps numbers, not weights
+    shutil.rmtree(train_dir / "best", ignore_errors=True)
+    dev = dev_evaluation(student, context, training.temperature)
     (first_step, first_time), (last_step, last_time) = log_times[0], log_times[-1]
     record = {
-        "task": task.name, "variant": variant, "seed": seed, "quantization": quantization.to_dict(),
-        "training": training.to_dict(), "steps": result.steps, "train_wall_s": result.wall_time_s,
+        "task": task.name, "variant": variant, "seed": seed, "protocol": context.protocol,
+        "quantization": quantization.to_dict(), "training": training.to_dict(), "steps": result.steps,
+        "train_wall_s": result.wall_time_s, "wall_s": time.perf_counter() - started,
+        "selected": result.selected, "best_step": result.best_step,
         # Between the first and the last logged step: no set-up, no checkpoint writing.
         "s_per_step": (last_time - first_time) / (last_step - first_step) if last_step > first_step else None,
         **dev, "main": 100 * dev["metrics"][task.main_metric],
@@ -202,19 +239,20 @@ def command_run(args: argparse.Namespace) -> None:
     bench = load_benchmark(args.benchmark)
     output = Path(args.output)
     teachers = Path(args.teachers) if args.teachers else None
-    runs: list[tuple[str, str, int]] = []
+    runs: list[tuple[str | None, str, str, int]] = []
     for name in args.suite or list(bench["suites"]):
         if name not in bench["suites"]:
             raise BenchmarkError(f"no suite {name!r}; defined: {list(bench['suites'])}")
-        runs += [run for run in suite_runs(bench["suites"][name]) if run not in runs]
-    pending = [run for run in runs if not (output / run[0] / run[1] / f"seed{run[2]}" / "result.json").is_file()]
+        protocol = bench["suites"][name].get("protocol")
+        runs += [(protocol, *run) for run in suite_runs(bench["suites"][name]) if (protocol, *run) not in runs]
+    pending = [run for run in runs if not (run_dir(output, *run) / "result.json").is_file()]
     print(f"{len(runs)} runs, {len(runs) - len(pending)} already done", flush=True)
     context: TaskContext | None = None  # one task's models in memory at a time
-    for index, (task, variant, seed) in enumerate(pending, 1):
-        if context is None or context.recipe.task != task:
-            context = TaskContext(bench, task, output, teachers)
+    for index, (protocol, task, variant, seed) in enumerate(pending, 1):
+        if context is None or (context.protocol, context.recipe.task) != (protocol, task):
+            context = TaskContext(bench, task, output, teachers, protocol)
         started = time.perf_counter()
-        record = run_one(bench, context, variant, seed, output / task / variant / f"seed{seed}")
+        record = run_one(bench, context, variant, seed, run_dir(output, protocol, task, variant, seed))
         print(f"[{index}/{len(pending)}] {task} {variant} seed {seed}: {record['main']:.1f} "
               f"(teacher {record['teacher_main']:.1f}), dev distillation loss {record['dev_distill_loss']:.4f}, "
               f"teacher agreement {record['teacher_agreement']:.1f} in {time.perf_counter() - started:.0f} s", flush=True)
@@ -260,7 +298,7 @@ def suite_table(bench: dict[str, Any], name: str, output: Path, step_benchmark: 
     wanted = suite_runs(suite)
     wanted += sorted({(task, BASELINE, seed) for task, _, seed in wanted} - set(wanted))
     for task, variant, seed in wanted:
-        path = output / task / variant / f"seed{seed}" / "result.json"
+        path = run_dir(output, suite.get("protocol"), task, variant, seed) / "result.json"
         if path.is_file():
             records.setdefault((task, variant), []).append(json.loads(path.read_text()))
     rows = []
@@ -296,10 +334,46 @@ def suite_table(bench: dict[str, Any], name: str, output: Path, step_benchmark: 
             row["lambda_last_mean"] = statistics.fmean(m["lambda_mean"] for m in monitored)
         rows.append(row)
     teacher = {task: next((t["tasks"][task]["teacher"] for t in rows if task in t["tasks"]), None) for task in suite["tasks"]}
-    return {"suite": name, "tasks": suite["tasks"], "rows": rows, "teacher": teacher}
+    records = {f"{task}/{variant}": found for (task, variant), found in records.items() if variant in suite["variants"]}
+    return {"suite": name, "protocol": suite.get("protocol"), "tasks": suite["tasks"], "rows": rows, "teacher": teacher,
+            "records": records}
+
+
+def paired_differences(records: dict[str, list[dict[str, Any]]], tasks: list[str], variant: str,
+                       resamples: int = 10000) -> dict[str, dict[str, Any]]:
+    """`variant` minus each other variant of the suite, paired by (task, seed) on the dev main metric:
+    the mean difference, a 95% t interval over the pairs and a 95% paired bootstrap interval
+    (resampling the pairs, fixed seed)."""
+    from scipy import stats
+
+    def by_pair(name: str) -> dict[tuple[str, int], float]:
+        return {(task, r["seed"]): r["main"] for task in tasks for r in records.get(f"{task}/{name}", [])}
+
+    ours = by_pair(variant)
+    if not ours:
+        return {}
+    others = sorted({key.split("/", 1)[1] for key in records} - {variant})
+    result = {}
+    generator = np.random.default_rng(0)
+    for other in others:
+        theirs = by_pair(other)
+        pairs = sorted(set(ours) & set(theirs))
+        if not pairs:
+            continue
+        differences = np.array([ours[p] - theirs[p] for p in pairs])
+        mean = float(differences.mean())
+        t_interval = None
+        if len(differences) > 1:
+            half = float(stats.t.ppf(0.975, len(differences) - 1) * differences.std(ddof=1) / np.sqrt(len(differences)))
+            t_interval = [mean - half, mean + half]
+        means = differences[generator.integers(0, len(differences), (resamples, len(differences)))].mean(axis=1)
+        result[other] = {"pairs": len(pairs), "mean": mean, "t_interval": t_interval,
+                         "bootstrap_interval": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}
+    return result
 
 
 def best_run_monitoring(output: Path, bench: dict[str, Any], tasks: list[str]) -> dict[str, Any] | None:
+    # `output`: the run root of one protocol (see run_root).
     """Per-layer lambda / gradient cosine of the best AGS run: among the runs of every variant with
     estimator "surge", the one whose held-out distillation loss is lowest relative to clipped STE's
     on the same task and seed (dev metrics tie too often at this budget to rank runs)."""
@@ -396,8 +470,28 @@ def command_table(args: argparse.Namespace) -> None:
                 print(f"{table['suite']}: SURGE gain over clipped STE {gain:+.2f} points" +
                       ("".join(f"; {k} keeps {100 * r:.0f}%" for k, r in table["gain_retained"].items() if r is not None)
                        if gain > 0 else " (no gain to retain)"))
+    for table in tables:
+        paired = paired_differences(table["records"], table["tasks"], "surge")
+        if paired:
+            table["surge_minus_each_other"] = paired
+            print(f"\n{table['suite']}: SURGE minus each estimator, paired by task and seed (dev main metric x100):")
+            print("| estimator | pairs | mean difference | 95% t interval | 95% bootstrap interval |")
+            print("|---|---|---|---|---|")
+            for other, stats in paired.items():
+                t_low, t_high = stats["t_interval"] if stats["t_interval"] else (float("nan"), float("nan"))
+                b_low, b_high = stats["bootstrap_interval"]
+                print(f"| {other} | {stats['pairs']} | {stats['mean']:+.2f} | [{t_low:+.2f}, {t_high:+.2f}] | [{b_low:+.2f}, {b_high:+.2f}] |")
+    if args.runs_json:
+        runs = [{"task": r["task"], "estimator": r["quantization"]["estimator"], "variant": r["variant"], "seed": r["seed"],
+                 "metric": r["main"], "wall_s": r.get("wall_s", r.get("train_wall_s")), "suite": table["suite"],
+                 "protocol": r.get("protocol"), "dev_distill_loss": r["dev_distill_loss"], "selected": r.get("selected")}
+                for table in tables for rs in table["records"].values() for r in rs]
+        write_json_atomically(Path(args.runs_json), {"runs": runs})
+    for table in tables:
+        del table["records"]  # the run files themselves are not part of the report
     surge_tasks = sorted({t for table in tables for t in table["tasks"]})
-    report["best_surge_run"] = best_run_monitoring(output, bench, surge_tasks)
+    first_protocol = bench["suites"][tables[0]["suite"]].get("protocol") if tables else None
+    report["best_surge_run"] = best_run_monitoring(run_root(output, first_protocol), bench, surge_tasks)
     best = report["best_surge_run"]
     if best:
         print(f"\nBest AGS run (held-out distillation loss {best['dev_loss_vs_clipped_ste']:.3f}x clipped STE's): "
@@ -445,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     table.add_argument("--step-benchmark", help="JSON written by benchmark_training_step.py --json")
     table.add_argument("--json", help="also write the tables as JSON here")
     table.add_argument("--plot", help="also draw each suite's table as a bar chart (PNG) into this directory")
+    table.add_argument("--runs-json", help="also write one record per run (task, estimator, variant, seed, metric, wall_s) here")
     args = parser.parse_args(argv)
     try:
         (command_run if args.command == "run" else command_table)(args)

@@ -31,8 +31,19 @@ def test_shipped_benchmark_covers_the_issue_grid():
     assert bench["variants"]["dpgc"] == {"estimator": "dpgc"} and bench["variants"]["surge"] == {"estimator": "surge"}
     ranks = [bench["variants"][v].get("aux_rank") for v in bench["suites"]["rank"]["variants"]]
     assert [r for r in ranks if r] == [8, 32, 128] and "surge" in bench["suites"]["rank"]["variants"]
-    # Every estimator runs the same recipe: a variant sets the estimator and, in the sweeps, eta or rank only.
-    assert all(set(fields) <= {"estimator", "eta", "aux_rank"} for fields in bench["variants"].values())
+    # Every estimator runs the same recipe: a variant sets the estimator and, in the sweeps, eta, rank
+    # or attention compensation only.
+    assert all(set(fields) <= {"estimator", "eta", "aux_rank", "compensate_attention"} for fields in bench["variants"].values())
+    # Issue 11's grid on cpu-full.
+    full = bench["suites"]["cpu_full_estimators"]
+    assert full["protocol"] == "cpu_full" and bench["protocols"]["cpu_full"]["profiles"] == ["cpu-full"]
+    assert full["variants"] == ["clipped_ste", "approx_sign", "ede", "dpgc", "surge"] and full["seeds"] == [1, 2, 3]
+    assert sorted(full["tasks"]) == ["cola", "mrpc", "rte", "stsb"]
+    etas = [bench["variants"][v].get("eta", 0.5) for v in bench["suites"]["cpu_full_eta"]["variants"]]
+    assert etas == [0.05, 0.1, 0.25, 0.5, 1.0] and bench["suites"]["cpu_full_eta"]["seeds"] == [1, 2]
+    assert bench["variants"]["surge_attention"] == {"estimator": "surge", "compensate_attention": True}
+    recipe = bench_module.student_recipe(bench, "stsb", "cpu_full")
+    assert recipe.stages[0].quantization.ffn_activation == "relu" and recipe.stages[0].training.eval_every == "epoch"
 
 
 def test_runs_go_seed_by_seed_and_honour_task_seeds():
@@ -187,3 +198,67 @@ def test_benchmark_errors_are_one_line(tiny_benchmark, tmp_path, capsys):
                            "--step-benchmark", str(tmp_path / "absent.json")])
     with pytest.raises(SystemExit, match="cannot read benchmark file"):
         bench_module.main(["--benchmark", str(tmp_path / "absent.yaml"), "table", "--output", str(output)])
+
+
+def test_paired_differences_against_a_hand_computation():
+    records = {"rte/surge": [{"seed": 1, "main": 60.0}, {"seed": 2, "main": 58.0}],
+               "stsb/surge": [{"seed": 1, "main": 40.0}, {"seed": 2, "main": 44.0}],
+               "rte/clipped_ste": [{"seed": 1, "main": 57.0}, {"seed": 2, "main": 58.0}],
+               "stsb/clipped_ste": [{"seed": 1, "main": 41.0}, {"seed": 3, "main": 50.0}]}
+    paired = bench_module.paired_differences(records, ["rte", "stsb"], "surge")
+    stats = paired["clipped_ste"]
+    differences = [3.0, 0.0, -1.0]  # (rte, 1), (rte, 2), (stsb, 1); (stsb, 2) and (stsb, 3) have no partner
+    mean = sum(differences) / 3
+    sd = statistics.stdev(differences)
+    half = 4.302652729911275 * sd / 3 ** 0.5  # t(0.975, 2 degrees of freedom)
+    assert stats["pairs"] == 3 and stats["mean"] == pytest.approx(mean)
+    assert stats["t_interval"] == pytest.approx([mean - half, mean + half])
+    low, high = stats["bootstrap_interval"]
+    assert min(differences) <= low <= mean <= high <= max(differences)
+
+
+def test_a_protocol_suite_runs_under_its_own_folder_with_eval_every(tmp_path, minilm_path, glue_mirror, monkeypatch, capsys):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    teacher_dir = tmp_path / "teachers" / "rte" / "teacher"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, intermediate_size=64, num_labels=2)).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    profile = _write(tmp_path / "tiny.yaml", {"model": str(teacher_dir), "max_seq_length": 32, "stages": [STAGE]})
+    benchmark = _write(tmp_path / "bench.yaml", {
+        "protocols": {"evaluating": {"profiles": [str(profile)], "overrides": {
+            "max_train_samples": 16, "max_eval_samples": 16,
+            "distill": {"num_epochs": 2, "batch_size": 8, "log_every": 1, "eval_every": 1, "learning_rate": 1e-3}}}},
+        "variants": {"clipped_ste": {"estimator": "clipped_ste"}, "surge": {"estimator": "surge"},
+                     "surge_attention": {"estimator": "surge", "compensate_attention": True}},
+        "suites": {"p": {"protocol": "evaluating", "variants": ["clipped_ste", "surge", "surge_attention"],
+                         "tasks": ["rte"], "seeds": [1]}},
+    })
+    monkeypatch.setenv("SURGE_NLP_GLUE_DATASET", str(glue_mirror))
+    output = tmp_path / "out"
+    bench_module.main(["--benchmark", str(benchmark), "run", "--output", str(output), "--teachers", str(tmp_path / "teachers")])
+    record = json.loads((output / "evaluating" / "rte" / "surge_attention" / "seed1" / "result.json").read_text())
+    assert record["protocol"] == "evaluating" and record["quantization"]["compensate_attention"] is True
+    assert record["selected"] == "best" and record["best_step"] in (1, 2, 3, 4) and record["wall_s"] > 0
+    evaluations = [r for r in record["log_history"] if "eval/accuracy" in r]
+    assert [r["step"] for r in evaluations] == [1, 2, 3, 4]
+    assert any(k.startswith("attention_lambda/") for r in record["log_history"] for k in r)
+    assert not (output / "rte").exists()  # the top-level protocol's folder is untouched
+    runs_json = tmp_path / "runs.json"
+    bench_module.main(["--benchmark", str(benchmark), "table", "--output", str(output), "--runs-json", str(runs_json),
+                       "--json", str(tmp_path / "report.json")])
+    runs = json.loads(runs_json.read_text())["runs"]
+    assert sorted(r["variant"] for r in runs) == ["clipped_ste", "surge", "surge_attention"]
+    assert all(set(r) >= {"task", "estimator", "variant", "seed", "metric", "wall_s"} for r in runs)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["suites"][0]["surge_minus_each_other"]) == {"clipped_ste", "surge_attention"}
+    assert "SURGE minus each estimator" in capsys.readouterr().out
+
+
+def test_a_suite_naming_an_undefined_protocol_is_an_error(tmp_path):
+    data = {"variants": {"surge": {"estimator": "surge"}},
+            "suites": {"s": {"protocol": "gpu", "variants": ["surge"], "tasks": ["rte"], "seeds": [1]}}}
+    with pytest.raises(ValueError, match="undefined protocol 'gpu'"):
+        bench_module.load_benchmark(_write(tmp_path / "b.yaml", data))
