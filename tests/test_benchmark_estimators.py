@@ -77,19 +77,24 @@ def test_invalid_benchmark_files_name_the_field(tmp_path, change, message):
     assert message in str(info.value)
 
 
-@pytest.fixture(scope="module")
-def tiny_benchmark(tmp_path_factory, minilm_path, glue_mirror):
-    """Two variants x two seeds on a 16-example slice of real RTE with a tiny random teacher."""
+def _tiny_teacher_profile(root: Path, minilm_path: Path) -> Path:
+    """A tiny random RTE teacher under root/teachers/rte/teacher (MiniLM's tokenizer) and a profile using it."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    root = tmp_path_factory.mktemp("bench")
     teacher_dir = root / "teachers" / "rte" / "teacher"
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     torch.manual_seed(0)
     BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                                               num_attention_heads=2, intermediate_size=64, num_labels=2)).save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
-    profile = _write(root / "tiny.yaml", {"model": str(teacher_dir), "max_seq_length": 32, "stages": [STAGE]})
+    return _write(root / "tiny.yaml", {"model": str(teacher_dir), "max_seq_length": 32, "stages": [STAGE]})
+
+
+@pytest.fixture(scope="module")
+def tiny_benchmark(tmp_path_factory, minilm_path, glue_mirror):
+    """Two variants x two seeds on a 16-example slice of real RTE with a tiny random teacher."""
+    root = tmp_path_factory.mktemp("bench")
+    profile = _tiny_teacher_profile(root, minilm_path)
     benchmark = _write(root / "bench.yaml", {
         "profiles": [str(profile)],
         "overrides": {"max_train_samples": 16, "max_eval_samples": 16,
@@ -218,15 +223,7 @@ def test_paired_differences_against_a_hand_computation():
 
 
 def test_a_protocol_suite_runs_under_its_own_folder_with_eval_every(tmp_path, minilm_path, glue_mirror, monkeypatch, capsys):
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    teacher_dir = tmp_path / "teachers" / "rte" / "teacher"
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                              num_attention_heads=2, intermediate_size=64, num_labels=2)).save_pretrained(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
-    profile = _write(tmp_path / "tiny.yaml", {"model": str(teacher_dir), "max_seq_length": 32, "stages": [STAGE]})
+    profile = _tiny_teacher_profile(tmp_path, minilm_path)
     benchmark = _write(tmp_path / "bench.yaml", {
         "protocols": {"evaluating": {"profiles": [str(profile)], "overrides": {
             "max_train_samples": 16, "max_eval_samples": 16,

@@ -6,9 +6,7 @@ evaluation while training with best-checkpoint selection, per-task profile setti
 from __future__ import annotations
 
 import json
-import math
 import sys
-import tempfile
 
 import pytest
 import torch
