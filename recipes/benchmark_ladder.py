@@ -190,20 +190,23 @@ def markdown(result: dict[str, Any], tasks: list[str]) -> str:
     head = "| row | W-E-A | " + " | ".join(f"{t} ({result['metric'][t]})" for t in tasks) + " | avg | % of teacher | wall (min) |"
     lines = [head, "|" + "---|" * (len(tasks) + 5)]
     teacher = result["teacher"]
+    done = [t for t in tasks if t in teacher]
     t_avg = _average(teacher, tasks)
+    avg_cell = f"{t_avg:.1f}" if t_avg is not None else (f"({_average(teacher, done):.1f} over {len(done)})" if done else "")
     walls = [w for w in result["teacher_wall_s"].values() if w]
     lines.append("| FP teacher | 32-32-32 | " + " | ".join(f"{teacher[t]:.1f}" if t in teacher else "" for t in tasks)
-                 + f" | {t_avg:.1f} | 100% | {sum(walls) / 60:.0f} |" if t_avg is not None else "| FP teacher | | (incomplete) |")
+                 + f" | {avg_cell} | 100% | {sum(walls) / 60:.0f} |")
     for row in result["rows"]:
         m = row["metrics"]
         avg = _average(m, tasks)
         done = [t for t in tasks if t in m]
         partial = _average(m, done)
-        pct = (100 * partial / _average(teacher, done)) if done and _average(teacher, done) else None
+        teacher_avg = _average(teacher, done)
+        pct = f"{100 * partial / teacher_avg:.0f}%" if teacher_avg else ""
         wall = sum(w for w in row["wall_s"].values() if w) / 60
         cells = " | ".join(f"{m[t]:.1f}" if t in m else "" for t in tasks)
         avg_cell = f"{avg:.1f}" if avg is not None else f"({partial:.1f} over {len(done)})"
-        lines.append(f"| {row['name']} | {row['bits']} | {cells} | {avg_cell} | {pct:.0f}% | {wall:.0f} |")
+        lines.append(f"| {row['name']} | {row['bits']} | {cells} | {avg_cell} | {pct} | {wall:.0f} |")
     return "\n".join(lines)
 
 
