@@ -33,7 +33,7 @@ from surge_nlp.pipeline import finetune_teacher, run_glue, write_json_atomically
 from surge_nlp.recipe import Recipe, RecipeError, load_recipe, merge
 
 LADDER_KEYS = ("profiles", "tasks", "rows")
-ROW_KEYS = ("quantization", "training", "stages", "tasks")
+ROW_KEYS = ("recipe", "quantization", "training", "stages", "tasks")
 STAGE_KEYS = ("name", "quantization", "training", "keep_shifts")
 # The number each paper's GLUE table reports per task (METHOD.md section 3).
 REPORTED_METRIC = {"mrpc": "f1", "stsb": "pearson", "cola": "matthews_correlation", "qqp": "f1"}
@@ -61,7 +61,7 @@ def load_ladder(path: str | Path) -> dict[str, Any]:
     data.setdefault("tasks", ["stsb", "mrpc", "rte", "cola", "sst2"])
     rows = data["rows"]
     if not isinstance(rows, dict) or not rows:
-        raise LadderError(f"{path}: `rows` must map names to {{quantization, training, stages, tasks}}")
+        raise LadderError(f"{path}: `rows` must map names to {{recipe, quantization, training, stages, tasks}}")
     for task in data["tasks"]:
         _check_task(path, "tasks", task)
     for name, row in rows.items():
@@ -70,6 +70,8 @@ def load_ladder(path: str | Path) -> dict[str, Any]:
             raise LadderError(f"{path}: row {name!r} must be a mapping with keys among {list(ROW_KEYS)}")
         for task in row.get("tasks", []):
             _check_task(path, f"rows.{name}.tasks", task)
+        if not isinstance(row.get("recipe", {}), dict) or "stages" in row.get("recipe", {}):
+            raise LadderError(f"{path}: rows.{name}.recipe must be a mapping of recipe fields (stages go in rows.{name}.stages)")
         stages = row.get("stages")
         if stages is not None and (not isinstance(stages, list) or not stages or
                                    not all(isinstance(s, dict) and not set(s) - set(STAGE_KEYS) for s in stages)):
@@ -103,7 +105,7 @@ def row_recipe(ladder: dict[str, Any], row_name: str, task: str) -> Recipe:
         if "name" not in change:  # named by its bits, e.g. "w1e1a4"
             q = stage["quantization"]
             stage["name"] = f"w{q.get('weight_bits', 1)}e{q.get('embedding_bits', 32)}a{q.get('activation_bits', 1)}"
-    return load_recipe(task, profiles=ladder["profiles"], overrides={"stages": stages})
+    return load_recipe(task, profiles=ladder["profiles"], overrides={**row.get("recipe", {}), "stages": stages})
 
 
 def row_tasks(ladder: dict[str, Any], row_name: str) -> list[str]:

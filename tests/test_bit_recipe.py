@@ -458,12 +458,22 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
     assert {"w1a1", "w1a1_fp_embeddings", "w1a2", "w1a4", "w1a1_multistep"} <= set(rows)
     bits = {name: [s.quantization.activation_bits for s in ladder_module.row_recipe(ladder, name, "stsb").stages] for name in rows}
     assert bits["w1a1"] == [1] and bits["w1a2"] == [2] and bits["w1a4"] == [4] and bits["w1a1_multistep"] == [2, 1]
-    ablations = {name: ladder_module.row_recipe(ladder, name, "mrpc").stages for name in rows if name.startswith("ablate_")}
-    assert ablations["ablate_gelu_ffn"][0].quantization.ffn_activation == "gelu"
-    assert ablations["ablate_scale_through"][0].quantization.weight_scale_gradient == "through"
-    assert ablations["ablate_shift_at_scale_lr"][0].training.shift_lr == 1e-4
-    assert ablations["ablate_multistep_reset_shifts"][1].keep_shifts is False
+    ablations = {name: ladder_module.row_recipe(ladder, name, "mrpc") for name in rows if name.startswith("ablation_")}
+    on = ablations["ablation_all_on"].stages[0]
+    # each ablation differs from all-on in exactly its ingredient; all share the 1-epoch, 64-token, FP-embedding protocol
+    differs = {name: {f for f in ("ffn_activation", "weight_scale_gradient") if getattr(r.stages[-1].quantization, f) != getattr(on.quantization, f)}
+               | ({"shift_lr"} if r.stages[-1].training.shift_lr != on.training.shift_lr else set()) for name, r in ablations.items()}
+    assert differs == {"ablation_all_on": set(), "ablation_gelu_ffn": {"ffn_activation"}, "ablation_scale_through": {"weight_scale_gradient"},
+                       "ablation_shift_at_scale_lr": {"shift_lr"}, "ablation_all_off": {"ffn_activation", "weight_scale_gradient", "shift_lr"},
+                       "ablation_multistep": set(), "ablation_multistep_reset_shifts": set()}
+    assert (on.quantization.ffn_activation, on.quantization.weight_scale_gradient) == ("relu", "detached")
+    assert ablations["ablation_shift_at_scale_lr"].stages[0].training.shift_lr == 1e-4
+    assert [s.keep_shifts for s in ablations["ablation_multistep"].stages] == [True, True]
+    assert ablations["ablation_multistep_reset_shifts"].stages[1].keep_shifts is False
+    for r in ablations.values():
+        assert r.max_seq_length == 64 and all(s.quantization.embedding_bits == 32 and s.training.num_epochs == 1 for s in r.stages)
     assert all(ladder_module.row_tasks(ladder, name) == ["stsb", "mrpc"] for name in ablations)
+    assert ladder_module.row_recipe(ladder, "w1a1", "stsb").max_seq_length is None  # the task's own length (128)
     w1a1 = ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0]
     assert w1a1.training.shift_lr == w1a1.training.learning_rate and w1a1.quantization.embedding_bits == 1
 
@@ -473,6 +483,8 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
     ({"rows": {"x": {"tasks": ["nope"]}}}, "unknown GLUE task 'nope'"),
     ({"rows": {"x": {"quantization": {"activation_bits": 3}}}}, "activation_bits=3 is invalid"),
     ({"rows": {"x": {"stages": []}}}, "must be a non-empty list"),
+    ({"rows": {"x": {"recipe": {"stages": []}}}}, "stages go in rows.x.stages"),
+    ({"rows": {"x": {"recipe": {"max_seq_length": "long"}}}}, "max_seq_length"),
     ({"profiles": ["nope"], "rows": {"x": {}}}, "no profile named 'nope'"),
 ])
 def test_ladder_file_errors_name_the_field(ladder_module, tmp_path, content, message):
