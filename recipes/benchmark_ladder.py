@@ -29,7 +29,8 @@ from typing import Any
 import yaml
 
 from surge_nlp.glue import get_task
-from surge_nlp.pipeline import finetune_teacher, run_glue, write_json_atomically
+from surge_nlp.atomic import write_json_atomically
+from surge_nlp.pipeline import finetune_teacher, run_glue
 from surge_nlp.recipe import Recipe, RecipeError, load_recipe, merge
 
 LADDER_KEYS = ("profiles", "tasks", "rows")

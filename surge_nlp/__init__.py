@@ -10,7 +10,7 @@ Example:
 
 from . import hub
 from .attention import AttentionQuantizers
-from .binarize import binarize
+from .binarize import binarize, from_pretrained
 from .binarizers import calibrate
 from .compensator import GradientCompensator
 from .config import SurgeConfig
@@ -40,6 +40,7 @@ __all__ = [
     "binarize",
     "calibrate",
     "deploy",
+    "from_pretrained",
     "pack_model",
     "push_to_hub",
     "register",

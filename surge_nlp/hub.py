@@ -4,9 +4,9 @@
 exactly the checkpoint `surge_nlp.serialization` writes, packed by default), adds a `README.md`
 model card (`model-index` metadata with the GLUE dev results, base model, dataset, W-E-A bits, size,
 estimator, deployed speed when measured, how to load it) and
-uploads the folder with Transformers' Hub client in one commit. SURGE models get it as their
-`model.push_to_hub` method (set by `binarize` and by `from_pretrained`), replacing Transformers'
-generic card with this one.
+uploads the folder with Transformers' Hub client in one commit. It is a plain function: a SURGE
+model's own `model.push_to_hub` stays Transformers' (the same packed checkpoint, Transformers'
+generic card).
 
 Example:
     >>> from transformers import BertConfig, BertForSequenceClassification
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import types
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -136,8 +135,3 @@ def push_to_hub(model: nn.Module, repo_id: str, *, metrics: dict[str, float] | N
             directory, repo_id, files_timestamps={}, commit_message=commit_message, token=token,
             create_pr=create_pr, revision=revision, commit_description=commit_description,
         )
-
-
-def attach_push_to_hub(model: nn.Module) -> None:
-    """Make `model.push_to_hub(...)` this module's `push_to_hub` (card included) for a SURGE model."""
-    model.push_to_hub = types.MethodType(push_to_hub, model)

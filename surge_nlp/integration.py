@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -86,20 +87,33 @@ def _materialize_like(old: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
-def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to_not_convert: list[str] | None = None) -> nn.Module:
+def module_filter(modules_to_not_convert: list[str], filter_fn: Callable[[nn.Module, str], bool] | None = None
+                  ) -> Callable[[nn.Module, str], bool]:
+    """The selection as one predicate `(module, name) -> bool`: not matched by `modules_to_not_convert`
+    (see `should_convert_module`) and, when given, accepted by `filter_fn`."""
+    def selected(module: nn.Module, name: str) -> bool:
+        return should_convert_module(name, modules_to_not_convert) and (filter_fn is None or bool(filter_fn(module, name)))
+    return selected
+
+
+def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to_not_convert: list[str] | None = None,
+                               filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
     """Swap the encoder linears (and attention, embeddings per `config`) in place; returns `model`.
 
+    Selection (`module_filter`) is apart from the transformation: a module is converted when no entry
+    of `modules_to_not_convert` (default: the config's) matches it and `filter_fn`, if given, accepts it.
     Works on a model on the meta device (from_pretrained, weights load afterwards) and on a
     materialised model (weights are carried over). Raises ValueError when nothing is binarizable.
     """
-    skip = list(config.modules_to_not_convert) + list(modules_to_not_convert or [])
-    linear_names = [name for name in encoder_linear_names(model) if should_convert_module(name, skip)]
+    skip = list(config.modules_to_not_convert if modules_to_not_convert is None else modules_to_not_convert)
+    selected = module_filter(skip, filter_fn)
+    linear_names = [name for name in encoder_linear_names(model) if selected(model.get_submodule(name), name)]
     if not linear_names:
         raise ValueError(
             f"SURGE found no encoder linear to binarize in {type(model).__name__}; supported: {SUPPORTED}, "
-            f"with modules_to_not_convert={skip}"
+            f"with modules_to_not_convert={skip}" + (" and the given filter_fn" if filter_fn is not None else "")
         )
-    linear_names += [name for name in pooler_linear_names(model) if should_convert_module(name, skip)]
+    linear_names += [name for name in pooler_linear_names(model) if selected(model.get_submodule(name), name)]
     post_relu: set[str] = set()
     if config.ffn_activation == "relu":
         post_relu = ffn_output_names(model)
@@ -117,21 +131,17 @@ def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to
         num_heads = text_config.num_attention_heads
         head_dim = text_config.hidden_size // num_heads
         for name in _self_attention_names(model):
-            if should_convert_module(name, skip):
-                attention = model.get_submodule(name)
+            attention = model.get_submodule(name)
+            if selected(attention, name):
                 device = next(attention.parameters()).device
                 compensator = config.estimator if config.compensate_attention else None
                 attention.surge_attention = AttentionQuantizers(num_heads, head_dim, config.activation_bits, config.binary_estimator,
                                                                 compensator=compensator, eta=config.eta).to(device)
-        model.config._attn_implementation = ATTENTION_IMPLEMENTATION
-        for sub in model.modules():
-            sub_config = getattr(sub, "config", None)
-            if sub_config is not None and hasattr(sub_config, "_attn_implementation"):
-                sub_config._attn_implementation = ATTENTION_IMPLEMENTATION
+        model.set_attn_implementation(ATTENTION_IMPLEMENTATION)  # Transformers' hook; reaches every sub-config
 
     if config.embedding_bits == 1:
         name = _word_embedding_name(model)
-        if name is None or not should_convert_module(name, skip):
+        if name is None or not selected(model.get_submodule(name), name):
             raise ValueError("SurgeConfig.embedding_bits=1 but the model has no convertible word embedding (get_input_embeddings)")
         old = model.get_submodule(name)
         with torch.device("meta"):

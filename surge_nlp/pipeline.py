@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +29,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from .atomic import atomic_write, write_json_atomically
 from .config import SurgeConfig
 from .distill import TrainingConfig, train
+from .binarize import from_pretrained
 from .binarizers import ActivationQuantizer
 from .glue import GlueData, compute_metrics, evaluate_model, get_task, load_glue, make_dataloader
 from .recipe import Recipe, Stage
@@ -66,22 +66,12 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def write_json_atomically(path: Path, data: Any) -> None:
-    """JSON to `path.tmp`, then renamed over `path`: a killed process never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def _save_atomically(model: nn.Module, directory: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
-    """save_pretrained into `directory.tmp`, then rename: a killed run never leaves a half checkpoint."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    """save_pretrained into a temporary folder, then rename: a killed run never leaves a half checkpoint."""
+    with atomic_write(directory) as temporary:
+        model.save_pretrained(temporary)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(temporary)
 
 
 def check_tokenizers(teacher_tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase,
@@ -260,7 +250,7 @@ def build_student(teacher_dir: str | Path, stage: Stage, previous: nn.Module | N
     torch.manual_seed(stage.training.seed)
     # A copy: the model's config changes (checkpoint_format) must not leak into the recipe.
     quantization = SurgeConfig.from_dict(stage.quantization.to_dict())
-    student = AutoModelForSequenceClassification.from_pretrained(teacher_dir, quantization_config=quantization)
+    student = from_pretrained(teacher_dir, quantization)  # refuses a teacher saved with a different SurgeConfig
     if previous is not None:
         inherit_weights(student, previous, keep_shifts=stage.keep_shifts)
     return student

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+
+from .atomic import atomic_write
 
 LOG_FILE = "log_history.jsonl"
 PLOTS = "plots"
@@ -62,9 +63,8 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def _save(figure, path: Path) -> Path:
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=110, bbox_inches="tight")
-    os.replace(temporary, path)
+    with atomic_write(path) as temporary:  # keeps the .png suffix matplotlib reads the format from
+        figure.savefig(temporary, dpi=110, bbox_inches="tight")
     return path
 
 

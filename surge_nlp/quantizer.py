@@ -8,8 +8,9 @@ The quantizer only orchestrates (module swapping lives in `surge_nlp.integration
 - a pre-quantized checkpoint is validated first and, in the "packed" form, loads into the packed
   layers; `save_pretrained` writes the form `SurgeConfig.checkpoint_format` names
   (see `surge_nlp.serialization`);
-- a SurgeConfig passed to `from_pretrained` for a checkpoint that already has one must agree with
-  it (Transformers would only warn and use the saved one).
+- a SurgeConfig passed for a checkpoint that already has one: Transformers has no quantizer hook for
+  it (it warns and keeps the saved config); `surge_nlp.from_pretrained` checks it
+  (`check_requested_config`) before loading.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoHfQuantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from .config import QUANT_METHOD, SurgeConfig
-from .hub import attach_push_to_hub
 from .integration import replace_with_surge_modules, reset_surge_state
 from .serialization import checkpoint_state_dict, pack_model, validate_checkpoint
 
@@ -42,9 +42,11 @@ class SurgeHfQuantizer(HfQuantizer):
             raise TypeError(f"SurgeHfQuantizer needs a SurgeConfig, got {type(quantization_config).__name__}")
         super().__init__(quantization_config, **kwargs)
 
-    def _process_model_before_weight_loading(self, model: "PreTrainedModel", checkpoint_files=None, **kwargs) -> None:
-        keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-        replace_with_surge_modules(model, self.quantization_config, keep_fp32)
+    def _process_model_before_weight_loading(self, model: "PreTrainedModel", checkpoint_files=None, filter_fn=None, **kwargs) -> None:
+        # filter_fn: `surge_nlp.binarize`'s selection; from_pretrained selects by modules_to_not_convert only.
+        skip = self.get_modules_to_not_convert(model, self.quantization_config.modules_to_not_convert,
+                                               list(getattr(model, "_keep_in_fp32_modules", None) or []))
+        replace_with_surge_modules(model, self.quantization_config, sorted(skip), filter_fn=filter_fn)
         if self.pre_quantized:
             if self.quantization_config.checkpoint_format == "packed":
                 pack_model(model)
@@ -57,7 +59,6 @@ class SurgeHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: "PreTrainedModel", **kwargs) -> "PreTrainedModel":
         if not self.pre_quantized:
             reset_surge_state(model)
-        attach_push_to_hub(model)
         return model
 
     def get_state_dict_and_metadata(self, model: "PreTrainedModel"):
@@ -101,27 +102,7 @@ def check_requested_config(saved: dict | SurgeConfig, requested: SurgeConfig) ->
         )
 
 
-def _merge_checking_surge(merge):
-    # Transformers' merge only warns and keeps the saved config; the quantizer never sees the one
-    # passed, so the check wraps the merge (for SurgeConfig only; other methods pass through).
-    def merge_quantization_configs(cls, quantization_config, quantization_config_from_args):
-        if isinstance(quantization_config_from_args, SurgeConfig):
-            is_surge = isinstance(quantization_config, SurgeConfig) or (
-                isinstance(quantization_config, dict) and quantization_config.get("quant_method") == QUANT_METHOD)
-            if is_surge:
-                check_requested_config(quantization_config, quantization_config_from_args)
-                # Identical: nothing to warn about.
-                quantization_config_from_args = None
-        return merge(cls, quantization_config, quantization_config_from_args)
-
-    merge_quantization_configs.unchecked = merge
-    return classmethod(merge_quantization_configs)
-
-
 def register() -> None:
     """Register "surge" with Transformers (idempotent; `import surge_nlp` calls it)."""
     _register(AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config, SurgeConfig)
     _register(AUTO_QUANTIZER_MAPPING, register_quantizer, SurgeHfQuantizer)
-    # Wrap Transformers' own merge once; a reloaded surge_nlp re-wraps it with its current classes.
-    merge = AutoHfQuantizer.merge_quantization_configs.__func__
-    AutoHfQuantizer.merge_quantization_configs = _merge_checking_surge(getattr(merge, "unchecked", merge))

@@ -5,6 +5,7 @@ file on disk, and PEFT adapters on a SURGE model."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -330,17 +331,29 @@ def test_set_checkpoint_format_switches_the_saved_form(tmp_path):
 # ---------------------------------------------------------------- configs passed at load time
 
 
-def test_conflicting_surge_config_is_an_error(tmp_path):
+def test_conflicting_surge_config_is_an_error_in_our_loader(tmp_path):
     _binarized().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"conflicts with the checkpoint.*activation_bits: saved 1, passed 2"):
-        transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, quantization_config=SurgeConfig(activation_bits=2))
+        surge_nlp.from_pretrained(tmp_path, SurgeConfig(activation_bits=2))
 
 
-def test_the_same_surge_config_loads_without_warning(tmp_path, recwarn):
+def test_bare_transformers_load_keeps_the_saved_config(tmp_path):
+    # What README says a bare from_pretrained does with a conflicting SurgeConfig: Transformers warns
+    # and loads the checkpoint's own config (no quantizer hook can refuse it; surge_nlp patches nothing).
     _binarized().save_pretrained(tmp_path)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, quantization_config=SurgeConfig())
+    with pytest.warns(UserWarning, match="quantization_config` from the model will be used"):
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, quantization_config=SurgeConfig(activation_bits=2))
+    assert model.config.quantization_config.activation_bits == 1
+    assert isinstance(model.bert.encoder.layer[0].output.dense, PackedSurgeLinear)
+
+
+def test_the_same_surge_config_loads_without_warning(tmp_path, recwarn, caplog):
+    _binarized().save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        model = surge_nlp.from_pretrained(tmp_path, SurgeConfig())
     assert isinstance(model.bert.encoder.layer[0].output.dense, PackedSurgeLinear)
     assert not [w for w in recwarn if "quantization_config" in str(w.message)]
+    assert "quantization_config" not in caplog.text
 
 
 # ---------------------------------------------------------------- damaged or mismatched checkpoints
@@ -450,7 +463,7 @@ def test_push_to_hub_uploads_a_loadable_packed_checkpoint_and_card(tmp_path, int
     model = _binarized(config=SurgeConfig(embedding_bits=1))
     batch = fixed_batch()
     expected = _outputs(model, batch)
-    model.push_to_hub("tiny-surge", metrics={"accuracy": 0.625}, task="rte", tags=["glue"])
+    surge_nlp.push_to_hub(model, "tiny-surge", metrics={"accuracy": 0.625}, task="rte", tags=["glue"])
     (repo_id, files, _), = intercepted_hub["commits"]
     assert repo_id == "user/tiny-surge" and sorted(files) == ["README.md", "config.json", WEIGHTS]
     uploaded = intercepted_hub["dir"]
@@ -476,10 +489,20 @@ def test_push_to_hub_uploads_a_loadable_packed_checkpoint_and_card(tmp_path, int
 
 def test_push_to_hub_of_a_reloaded_model_without_metrics(packed_dir, intercepted_hub):
     model = transformers.AutoModelForSequenceClassification.from_pretrained(packed_dir)
-    model.push_to_hub("again")
+    surge_nlp.push_to_hub(model, "again")
     card = (intercepted_hub["dir"] / "README.md").read_text()
     assert "Not measured for this upload." in card and f"Base model: {packed_dir}" in card
     assert load_file(intercepted_hub["dir"] / WEIGHTS).keys() == load_file(packed_dir / WEIGHTS).keys()
+
+
+def test_transformers_own_push_to_hub_uploads_the_same_packed_checkpoint(packed_dir, intercepted_hub):
+    # Not patched by surge_nlp: Transformers' method, its generic card, and our quantizer's packed state dict.
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(packed_dir)
+    assert type(model).push_to_hub is transformers.PreTrainedModel.push_to_hub and "push_to_hub" not in vars(model)
+    model.push_to_hub("plain")
+    pushed, saved = load_file(intercepted_hub["dir"] / WEIGHTS), load_file(packed_dir / WEIGHTS)
+    assert pushed.keys() == saved.keys() and all(torch.equal(pushed[k], saved[k]) for k in saved)
+    assert pushed["bert.encoder.layer.0.output.dense.weight"].dtype == torch.uint8
 
 
 # ---------------------------------------------------------------- PEFT

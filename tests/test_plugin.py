@@ -64,8 +64,36 @@ def test_modules_to_not_convert_is_honoured(tiny_bert):
 def test_nothing_to_binarize_is_a_clear_error(tiny_bert):
     with pytest.raises(ValueError, match="SURGE found no encoder linear to binarize"):
         AutoModelForSequenceClassification.from_pretrained(tiny_bert, quantization_config=SurgeConfig(modules_to_not_convert=["bert"]))
-    with pytest.raises(ValueError, match="found no encoder linear"):
+    with pytest.raises(TypeError, match="needs a Transformers PreTrainedModel.*Sequential"):
         surge_nlp.binarize(nn.Sequential(nn.Linear(2, 2)), SurgeConfig())
+    with pytest.raises(ValueError, match="found no encoder linear.*and the given filter_fn"):
+        surge_nlp.binarize(AutoModelForSequenceClassification.from_pretrained(tiny_bert), SurgeConfig(), filter_fn=lambda m, n: False)
+
+
+def test_binarize_filter_fn_selects_apart_from_modules_to_not_convert(tiny_bert):
+    seen = []
+
+    def only_layer_1_but_not_its_value(module, name):
+        seen.append((type(module).__name__, name))
+        return ".layer.1." in name and not name.endswith(".value")
+
+    cfg = SurgeConfig(embedding_bits=1, modules_to_not_convert=["classifier", "pooler", "intermediate"])
+    with pytest.raises(ValueError, match="no convertible word embedding"):  # the filter also decides the embedding
+        surge_nlp.binarize(AutoModelForSequenceClassification.from_pretrained(tiny_bert), cfg, filter_fn=only_layer_1_but_not_its_value)
+    cfg = SurgeConfig(modules_to_not_convert=["classifier", "pooler", "intermediate"])
+    model = surge_nlp.binarize(AutoModelForSequenceClassification.from_pretrained(tiny_bert), cfg, filter_fn=only_layer_1_but_not_its_value)
+    replaced = {name for name, m in model.named_modules() if isinstance(m, SurgeLinear)}
+    # both predicates hold: layer 1 only (filter), no value (filter), no intermediate (modules_to_not_convert)
+    assert replaced == {f"bert.encoder.layer.1.{p}" for p in ("attention.self.query", "attention.self.key", "attention.output.dense", "output.dense")}
+    assert hasattr(model.bert.encoder.layer[1].attention.self, "surge_attention")
+    assert not hasattr(model.bert.encoder.layer[0].attention.self, "surge_attention")
+    # the filter saw the module objects with their qualified names
+    assert ("Linear", "bert.encoder.layer.0.attention.self.query") in seen and ("BertSelfAttention", "bert.encoder.layer.1.attention.self") in seen
+    # the result is a quantized model in Transformers' sense, set by the quantizer's own hooks
+    assert isinstance(model.hf_quantizer, surge_nlp.SurgeHfQuantizer) and model.is_quantized
+    assert model.quantization_method == "surge" and model.config._attn_implementation == "surge"
+    with pytest.raises(TypeError, match=r"filter_fn=\.\.\.\) must be a callable"):
+        surge_nlp.binarize(AutoModelForSequenceClassification.from_pretrained(tiny_bert), cfg, filter_fn="layer.1")
 
 
 def test_binarize_in_memory_matches_from_pretrained(tiny_bert):

@@ -53,6 +53,8 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from safetensors.torch import load_model, save_model
+
+from ..atomic import atomic_write, commit, temporary_sibling
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -335,7 +337,8 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: output_dir/checkpoints/step_N, written as step_N.tmp and renamed (atomic)
+# Checkpoints: output_dir/checkpoints/step_N, written under a fixed temporary name (every process
+# writes its part into it) and renamed by the main process (surge_nlp.atomic)
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -344,7 +347,7 @@ def _checkpoint_step(path: Path) -> int | None:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (unfinished `.tmp` directories are ignored)."""
+    """Complete checkpoints of a run, oldest first (unfinished temporary directories are ignored)."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
@@ -354,7 +357,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 def _save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: _Progress, scheduler, keep: int) -> None:
     final = output_dir / CHECKPOINTS / f"step_{progress.step}"
-    temporary = final.with_name(final.name + ".tmp")
+    temporary = temporary_sibling(final, unique=False)
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -365,8 +368,7 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: _Prog
         (temporary / TRAINER_STATE).write_text(json.dumps(state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        temporary.rename(final)
+        commit(temporary, final)
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -406,10 +408,8 @@ def _save_best(accelerator: Accelerator, model: nn.Module, output_dir: Path, ste
     # Written under a temporary name and renamed; older best files are removed only afterwards.
     if accelerator.is_main_process:
         path = best_weights_path(output_dir, step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        save_model(model, str(temporary))
-        os.replace(temporary, path)
+        with atomic_write(path) as temporary:
+            save_model(model, str(temporary))
         for old in path.parent.iterdir():
             if old != path:
                 old.unlink()

@@ -14,8 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..atomic import write_text_atomically
 from .data import INDEX_COLUMN, MODEL_LABEL_COLUMN, GlueData, make_dataloader
 from .metrics import compute_metrics
 from .tasks import GlueTask, get_task
@@ -120,15 +119,7 @@ def write_submission(path: str | Path, indices: Sequence[int], predictions: Sequ
     if len(indices) != len(predictions):
         raise ValueError(f"write_submission got {len(indices)} indices but {len(predictions)} predictions")
     lines = ["index\tprediction", *(f"{int(index)}\t{prediction}" for index, prediction in zip(indices, predictions))]
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            file.write("\n".join(lines) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomically(path, "\n".join(lines) + "\n")
 
 
 def predict_to_submission(

@@ -25,10 +25,11 @@ import hashlib
 import os
 import shlex
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch  # noqa: F401  (loaded first: its libgomp.so.1 is the OpenMP runtime the kernels bind to)
+
+from ..atomic import atomic_write
 
 SOURCE = Path(__file__).with_name("surge_kernels.c")
 ABI_VERSION = 1
@@ -73,12 +74,10 @@ def build_library() -> Path:
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=directory)
-    os.close(handle)
-    try:
+    with atomic_write(target) as temporary:  # unique per process: concurrent builds do not collide
         failures = []
         for openmp in (True, False):
-            command = _compile_command(compiler, Path(temporary), openmp)
+            command = _compile_command(compiler, temporary, openmp)
             try:
                 result = subprocess.run(command, capture_output=True, text=True, timeout=300)
             except (OSError, subprocess.TimeoutExpired) as error:
@@ -88,10 +87,6 @@ def build_library() -> Path:
             failures.append(f"`{' '.join(command)}` failed: {result.stderr.strip()[-300:]}")
         else:
             raise KernelBuildError("; ".join(failures))
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return target
 
 
