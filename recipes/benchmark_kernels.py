@@ -1,7 +1,7 @@
 """Benchmark the binary kernels against FP32 PyTorch on this machine (same threads, one run).
 
 1. Per layer, at BERT-base shapes (768x768, 768x3072, 3072x768; 128 tokens x batch 1 and 8):
-   `torch.nn.Linear` FP32 vs `surge_nlp.BinaryLinear` (activation packing + XOR/popcount matmul +
+   `torch.nn.Linear` FP32 vs the deployed `surge_nlp.PackedSurgeLinear` (activation packing + XOR/popcount matmul +
    scales). Prints the speedup and the fraction of the 32x arithmetic ceiling it reaches (1-bit
    products per popcount word vs FP32 multiply-adds per FMA lane: speedup / 32).
 2. End to end, sequence classification at sequence length 128, batch 1 and 8: the deployed
@@ -53,10 +53,9 @@ def _reps_for(ms_estimate: float, budget_ms: float = 1500.0, cap: int = 50) -> i
 @torch.no_grad()
 def per_layer() -> None:
     import surge_nlp
-    from surge_nlp.deploy import BinaryLinear
     from surge_nlp.kernels import ops
 
-    print(f"\n== per layer: FP32 nn.Linear vs BinaryLinear, {torch.get_num_threads()} threads, "
+    print(f"\n== per layer: FP32 nn.Linear vs deployed PackedSurgeLinear, {torch.get_num_threads()} threads, "
           f"kernel variant {ops.active_variant()} ==")
     header = (f"{'in x out':>11} {'tokens':>6} {'fp32 ms':>9} {'binary ms':>10} {'(matmul ms)':>11} "
               f"{'speedup':>8} {'of 32x':>7} {'fp32 GFLOP/s':>13} {'binary GMAC/s':>14}")
@@ -70,14 +69,15 @@ def per_layer() -> None:
             layer = surge_nlp.SurgeLinear.from_config(surge_nlp.SurgeConfig(), k, n)
             layer.load_state_dict(linear.state_dict(), strict=False)
             layer.eval()(x)  # calibrates alpha
-            binary = BinaryLinear.from_surge_linear(layer)
-            bits = ops.pack_signs(x, binary.input_shift, float(binary.input_scale))
+            binary = surge_nlp.PackedSurgeLinear.from_surge_linear(layer).use_kernels()
+            quantizer = binary.input_quantizer
+            bits = ops.pack_signs(x, quantizer.beta.detach(), float(quantizer.alpha.detach().abs()))
 
             fp32_ms = _median_ms(lambda: linear(x), _reps_for(5.0))
             fp32_ms = _median_ms(lambda: linear(x), _reps_for(fp32_ms))
             binary_ms = _median_ms(lambda: binary(x), _reps_for(fp32_ms / 4))
-            matmul_ms = _median_ms(lambda: ops.binary_matmul(bits, binary.packed_weight, k, ops.XOR, 1.0,
-                                                             binary.weight_scale, binary.bias), _reps_for(fp32_ms / 4))
+            matmul_ms = _median_ms(lambda: ops.binary_matmul(bits, binary.kernel_weight, k, ops.XOR, 1.0,
+                                                             binary.weight_scale, binary.bias.detach()), _reps_for(fp32_ms / 4))
             speedup = fp32_ms / binary_ms
             macs = m * k * n
             print(f"{f'{k}x{n}':>11} {m:>6} {fp32_ms:>9.3f} {binary_ms:>10.3f} {matmul_ms:>11.3f} {speedup:>7.2f}x "

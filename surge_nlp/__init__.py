@@ -14,10 +14,10 @@ from .binarize import binarize, from_pretrained
 from .binarizers import calibrate
 from .compensator import GradientCompensator
 from .config import SurgeConfig
-from .deploy import BinaryLinear, deploy
+from .deploy import deploy
 from .hub import push_to_hub
 from .integration import set_training_progress, surge_linears
-from .layers import PackedSurgeEmbedding, PackedSurgeLinear, SurgeEmbedding, SurgeLinear
+from .layers import BinarizedLayer, PackedSurgeEmbedding, PackedSurgeLinear, SurgeEmbedding, SurgeLinear
 from .quantizer import SurgeHfQuantizer, register
 from .serialization import CheckpointError, pack_model, set_checkpoint_format
 from .summary import summary
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionQuantizers",
-    "BinaryLinear",
+    "BinarizedLayer",
     "CheckpointError",
     "GradientCompensator",
     "PackedSurgeEmbedding",

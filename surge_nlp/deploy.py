@@ -1,9 +1,9 @@
 """`deploy(model)`: the fast inference form of a SURGE model, on bit-packed operands and popcount kernels.
 
 Every binary x binary product runs on the compiled kernels of `surge_nlp.kernels`:
-- binarized linears with 1-bit inputs (`SurgeLinear` or the packed `PackedSurgeLinear`) become
-  `BinaryLinear`: `y = alpha_x * alpha_w[o] * (K - 2 popcount(x_bits ^ w_bits)) + bias[o]`; an
-  unsigned 1-bit input (BiT's post-ReLU FFN output, levels {0, alpha_x}) runs on AND/popcount,
+- binarized linears with 1-bit inputs run as the one deployed layer, `PackedSurgeLinear` with its
+  kernel engine (`use_kernels`): `y = alpha_x * alpha_w[o] * (K - 2 popcount(x_bits ^ w_bits)) + bias[o]`;
+  an unsigned 1-bit input (BiT's post-ReLU FFN output, levels {0, alpha_x}) runs on AND/popcount,
   `y = alpha_x * alpha_w[o] * (2 popcount(x_bits & w_bits) - popcount(x_bits)) + bias[o]`;
 - with `binarize_attention` at 1 bit, attention runs as "surge_binary": Q.K^T on XOR/popcount,
   the softmax in float, the 1-bit probabilities packed and P.V on AND/popcount
@@ -25,8 +25,9 @@ Example:
     >>> ids = torch.randint(0, 100, (2, 8))
     >>> _ = model(ids)  # calibrates the activation scales
     >>> fast = surge_nlp.deploy(model)  # in place
-    >>> type(fast.bert.encoder.layer[0].attention.self.query).__name__
-    'BinaryLinear'
+    >>> query = fast.bert.encoder.layer[0].attention.self.query
+    >>> type(query).__name__, query.engine
+    ('PackedSurgeLinear', 'xor-popcount')
     >>> fast(ids).logits.shape
     torch.Size([2, 2])
 
@@ -39,19 +40,15 @@ on such ties.
 
 from __future__ import annotations
 
-import sys
-
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from .attention import ATTENTION_IMPLEMENTATION, AttentionQuantizers, surge_attention_forward
-from .binarizers import MIN_SCALE, ActivationQuantizer, weight_signs_and_scales
+from .binarizers import ActivationQuantizer
 from .kernels import ops
-from .layers import PackedSurgeEmbedding, PackedSurgeLinear, SurgeEmbedding, SurgeLinear
+from .layers import SIMULATED, BinarizedLayer, PackedSurgeEmbedding, PackedSurgeLinear, SurgeEmbedding, SurgeLinear
 
 BINARY_ATTENTION_IMPLEMENTATION = "surge_binary"
 
@@ -61,135 +58,12 @@ def _is_binary_input(quantizer: ActivationQuantizer | None) -> bool:
     return quantizer is not None and quantizer.bits == 1
 
 
-def _pack_unsigned(rows: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Packed bits of the unsigned 1-bit quantizer `round(clip((x - beta) / alpha, 0, 1))` of each row,
-    computed with the simulated quantizer's own expression so that both paths take the same bits."""
-    bits = ((rows - shift) / scale > 0.5).contiguous().numpy()
-    as_bytes = torch.from_numpy(np.packbits(bits, axis=-1, bitorder="little"))
-    return _bytes_to_words(as_bytes, rows.shape[-1])
-
-
 def _check_calibrated(name: str, quantizer: ActivationQuantizer) -> None:
     if not bool(quantizer.initialized):
         raise ValueError(
             f"{name}: its activation quantizer is not calibrated yet; run at least one forward pass "
             "(or train / load a trained checkpoint) before surge_nlp.deploy"
         )
-
-
-def _bytes_to_words(rows: torch.Tensor, columns: int) -> torch.Tensor:
-    """uint8 rows (8 signs per byte, least significant bit first) -> int64 words of the kernels.
-
-    On a little-endian machine the same bits read as 64-bit words are the kernels' layout, so
-    this only pads each row to whole words.
-    """
-    if sys.byteorder != "little":
-        raise RuntimeError("the binary kernels' packed layout needs a little-endian machine")
-    padding = 8 * ops.words(columns) - rows.shape[-1]
-    return F.pad(rows, (0, padding)).contiguous().view(torch.int64)
-
-
-class BinaryLinear(nn.Module):
-    """A 1-bit-weight, 1-bit-input linear running on XOR/popcount kernels (inference only).
-
-    Buffers: `packed_weight` (int64 `[out, ceil(in / 64)]`, bit j of word w = sign of input
-    64*w + j, 1 for +1), `weight_scale` (alpha_w per output), `bias`, `input_scale` (alpha_x) and
-    `input_shift` (beta, per input channel). `input_signed=False`: the input is unsigned 1-bit
-    ({0, alpha_x}, a post-ReLU input) and the product runs on AND/popcount. Build it with
-    `from_surge_linear` or `from_packed`.
-    """
-
-    def __init__(self, in_features: int, out_features: int, packed_weight: torch.Tensor, weight_scale: torch.Tensor,
-                 bias: torch.Tensor | None, input_scale: torch.Tensor, input_shift: torch.Tensor,
-                 input_signed: bool = True) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.input_signed = input_signed
-        if tuple(packed_weight.shape) != (out_features, ops.words(in_features)) or packed_weight.dtype != torch.int64:
-            raise ValueError(f"packed_weight must be int64 ({out_features}, {ops.words(in_features)}), got "
-                             f"{packed_weight.dtype} {tuple(packed_weight.shape)}")
-        self.register_buffer("packed_weight", packed_weight.contiguous())
-        self.register_buffer("weight_scale", weight_scale.detach().float().contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
-        self.register_buffer("input_scale", input_scale.detach().float().reshape(()).clone())
-        self.register_buffer("input_shift", input_shift.detach().float().reshape(in_features).contiguous())
-
-    @classmethod
-    @torch.no_grad()
-    def from_surge_linear(cls, layer: SurgeLinear) -> "BinaryLinear":
-        """From the training form: signs and scales of the latent weight (DPGC auxiliary weight dropped)."""
-        signs, scales = weight_signs_and_scales(layer.weight.detach().float())
-        packed = ops.pack_signs(torch.where(signs, 1.0, -1.0), torch.zeros(layer.in_features), 1.0)
-        return cls._with_quantizer(layer, packed, scales)
-
-    @classmethod
-    @torch.no_grad()
-    def from_packed(cls, layer: PackedSurgeLinear) -> "BinaryLinear":
-        """From the packed checkpoint form (uint8, 8 signs per byte, least significant bit first).
-
-        On a little-endian machine the same bits read as 64-bit words are this kernel's layout,
-        so the conversion only pads each row to whole words.
-        """
-        return cls._with_quantizer(layer, _bytes_to_words(layer.weight, layer.in_features), layer.weight_scale)
-
-    @classmethod
-    def _with_quantizer(cls, layer: nn.Module, packed: torch.Tensor, scales: torch.Tensor) -> "BinaryLinear":
-        quantizer = layer.input_quantizer
-        if not _is_binary_input(quantizer):
-            raise ValueError(f"BinaryLinear needs 1-bit inputs; this layer has activation_bits={layer.activation_bits}")
-        # The simulated quantizer's effective scale: |alpha|, at least MIN_SCALE.
-        scale = quantizer.alpha.detach().abs().clamp_min(MIN_SCALE)
-        return cls(layer.in_features, layer.out_features, packed, scales, layer.bias, scale, quantizer.beta,
-                   input_signed=quantizer.signed)
-
-    # The state dict is the packed checkpoint's (`PackedSurgeLinear`: uint8 `weight`, `weight_scale`,
-    # `bias`, `input_quantizer.*`), so save_pretrained on a deployed model writes a loadable checkpoint.
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        as_bytes = self.packed_weight.view(torch.uint8)[:, : (self.in_features + 7) // 8]
-        destination[prefix + "weight"] = as_bytes.clone()
-        destination[prefix + "weight_scale"] = self.weight_scale.clone()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias.clone()
-        destination[prefix + "input_quantizer.alpha"] = self.input_scale.reshape(1).clone()
-        destination[prefix + "input_quantizer.beta"] = self.input_shift.clone()
-        destination[prefix + "input_quantizer.initialized"] = torch.ones((), dtype=torch.bool)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
-        names = ["weight", "weight_scale", "input_quantizer.alpha", "input_quantizer.beta", "input_quantizer.initialized"]
-        names += ["bias"] if self.bias is not None else []
-        missing = [prefix + name for name in names if prefix + name not in state_dict]
-        missing_keys.extend(missing)
-        if missing:
-            return
-        rows = state_dict[prefix + "weight"]
-        if rows.dtype != torch.uint8 or tuple(rows.shape) != (self.out_features, (self.in_features + 7) // 8):
-            error_msgs.append(f"{prefix}weight: expected uint8 {(self.out_features, (self.in_features + 7) // 8)}, "
-                              f"got {rows.dtype} {tuple(rows.shape)}")
-            return
-        with torch.no_grad():
-            self.packed_weight.copy_(_bytes_to_words(rows, self.in_features))
-            self.weight_scale.copy_(state_dict[prefix + "weight_scale"])
-            if self.bias is not None:
-                self.bias.copy_(state_dict[prefix + "bias"])
-            self.input_scale.copy_(state_dict[prefix + "input_quantizer.alpha"].reshape(()))
-            self.input_shift.copy_(state_dict[prefix + "input_quantizer.beta"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        rows = x.reshape(-1, self.in_features).float()
-        alpha = float(self.input_scale)
-        if self.input_signed:
-            bits, mode = ops.pack_signs(rows, self.input_shift, alpha), ops.XOR
-        else:
-            bits, mode = _pack_unsigned(rows, self.input_shift, self.input_scale), ops.AND
-        out = ops.binary_matmul(bits, self.packed_weight, self.in_features, mode, alpha,
-                                self.weight_scale, self.bias)
-        return out.reshape(*x.shape[:-1], self.out_features).to(dtype)
-
-    def extra_repr(self) -> str:
-        kind = "signed, kernel=xor-popcount" if self.input_signed else "unsigned, kernel=and-popcount"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weight_bits=1, activation_bits=1 ({kind})")
 
 
 def _attention_is_binary(quantizers: AttentionQuantizers) -> bool:
@@ -250,8 +124,8 @@ def _set_attention_implementation(model: nn.Module, implementation: str) -> None
 
 def runs_on_binary_kernels(model: nn.Module, module: nn.Module) -> bool:
     """Whether `module` (a layer or attention quantizer set of `model`) runs on the binary kernels."""
-    if isinstance(module, BinaryLinear):
-        return True
+    if isinstance(module, BinarizedLayer):
+        return module.engine != SIMULATED
     if isinstance(module, AttentionQuantizers):
         config = getattr(model, "config", None)
         return getattr(config, "_attn_implementation", None) == BINARY_ATTENTION_IMPLEMENTATION and _attention_is_binary(module)
@@ -262,9 +136,9 @@ def runs_on_binary_kernels(model: nn.Module, module: nn.Module) -> bool:
 def deploy(model: nn.Module) -> nn.Module:
     """Switch a SURGE model (training or packed form) to the binary kernels, in place; returns it in eval mode.
 
-    Replaces 1-bit-input `SurgeLinear` / `PackedSurgeLinear` by `BinaryLinear` (dropping the latent
-    and auxiliary weights), `SurgeEmbedding` by `PackedSurgeEmbedding`, and 1-bit "surge" attention
-    by "surge_binary". Layers with 2/4/8-bit inputs stay simulated. When the kernels cannot be
+    Packs 1-bit-input `SurgeLinear`s (dropping the latent and auxiliary weights) and puts every
+    1-bit-input `PackedSurgeLinear` on its kernel engine; `SurgeEmbedding` becomes
+    `PackedSurgeEmbedding`, and 1-bit "surge" attention "surge_binary". Layers with 2/4/8-bit inputs stay simulated. When the kernels cannot be
     built (no C compiler, SURGE_NLP_DISABLE_KERNELS=1) the model is returned unchanged, in eval
     mode, with a one-line RuntimeWarning. Raises ValueError for an uncalibrated activation quantizer.
     Inference only: the deployed model cannot be trained further.
@@ -279,8 +153,8 @@ def deploy(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         if isinstance(module, (SurgeLinear, PackedSurgeLinear)) and _is_binary_input(module.input_quantizer):
             _check_calibrated(name, module.input_quantizer)
-            make = BinaryLinear.from_surge_linear if isinstance(module, SurgeLinear) else BinaryLinear.from_packed
-            replacements[name] = make(module)
+            packed = PackedSurgeLinear.from_surge_linear(module) if isinstance(module, SurgeLinear) else module
+            replacements[name] = packed.use_kernels()
         elif isinstance(module, SurgeEmbedding) and module.max_norm is None:
             replacements[name] = PackedSurgeEmbedding.from_surge_embedding(module)
         elif isinstance(module, AttentionQuantizers) and _attention_is_binary(module):

@@ -1,4 +1,8 @@
-"""Binarized layers: `SurgeLinear` (encoder linears) and `SurgeEmbedding` (1-bit word embeddings).
+"""Binarized layers: `SurgeLinear` (encoder linears) and `SurgeEmbedding` (1-bit word embeddings),
+their packed forms `PackedSurgeLinear` / `PackedSurgeEmbedding`, and the `BinarizedLayer` protocol
+every one of them follows: `weight_bits`, `input_bits`, `engine` and `binary_shape`, which
+`surge_nlp.summary` reads (larq's `precision`). A `PackedSurgeLinear` is also the deployed layer:
+`use_kernels()` (what `surge_nlp.deploy` calls) moves its forward onto the popcount kernels.
 
 Example:
     >>> import torch
@@ -13,15 +17,34 @@ Example:
 from __future__ import annotations
 
 import copy
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .binarizers import ActivationQuantizer, binarize_weight, weight_signs_and_scales
+from .binarizers import MIN_SCALE, ActivationQuantizer, binarize_weight, weight_signs_and_scales
 from .compensator import GradientCompensator
 from .config import COMPENSATED_ESTIMATORS, SurgeConfig
+from .kernels import ops
 from .packing import pack_signs, packed_length, unpack_binary_weight
+
+SIMULATED = "simulated"
+KERNEL_ENGINES = {True: "xor-popcount", False: "and-popcount"}  # by input signedness
+
+
+@runtime_checkable
+class BinarizedLayer(Protocol):
+    """What every binarized layer tells `summary`: its bits, where it runs, and its 1-bit matrix."""
+
+    weight_bits: int
+    engine: str  # "simulated", or the kernel it runs on: "xor-popcount" / "and-popcount"
+
+    @property
+    def input_bits(self) -> int: ...
+
+    @property
+    def binary_shape(self) -> tuple[int, int]: ...  # (rows, columns) of the 1-bit matrix
 from .surrogates import make_surrogate
 
 
@@ -91,9 +114,18 @@ class SurgeLinear(nn.Linear):
             **kwargs,
         )
 
+    weight_bits = 1
+    engine = SIMULATED
+
     @property
     def activation_bits(self) -> int:
         return 32 if self.input_quantizer is None else self.input_quantizer.bits
+
+    input_bits = activation_bits
+
+    @property
+    def binary_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
 
     @property
     def last_lambda(self) -> float | None:
@@ -151,6 +183,10 @@ class SurgeEmbedding(nn.Embedding):
     """Word embedding with 1-bit rows: `alpha_row * sign(E - mean_row(E))`, STE backward (alpha's
     backward as `weight_scale_gradient` says)."""
 
+    weight_bits = 1
+    input_bits = 32  # token ids: a lookup, no activation quantizer
+    engine = SIMULATED
+
     def __init__(self, *args, weight_scale_gradient: str = "through", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.weight_scale_gradient = weight_scale_gradient
@@ -163,6 +199,10 @@ class SurgeEmbedding(nn.Embedding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_bits=1"
+
+    @property
+    def binary_shape(self) -> tuple[int, int]:
+        return self.num_embeddings, self.embedding_dim
 
 
 class PackedSurgeLinear(nn.Linear):
@@ -212,11 +252,6 @@ class PackedSurgeLinear(nn.Linear):
                                                 signed=input_signed)
 
     @classmethod
-    def from_config(cls, config: SurgeConfig, in_features: int, out_features: int, bias: bool = True, **kwargs) -> "PackedSurgeLinear":
-        return cls(in_features, out_features, bias, activation_bits=config.activation_bits, estimator=config.estimator,
-                   base_estimator=config.base_estimator, **kwargs)
-
-    @classmethod
     @torch.no_grad()
     def from_surge_linear(cls, layer: SurgeLinear) -> "PackedSurgeLinear":
         """Pack a trained `SurgeLinear` (its latent weight, bias and input quantizer state)."""
@@ -231,9 +266,18 @@ class PackedSurgeLinear(nn.Linear):
             packed.bias.data = layer.bias.detach().clone()
         return packed
 
+    weight_bits = 1
+    engine = SIMULATED  # use_kernels() sets the kernel this layer runs on
+
     @property
     def activation_bits(self) -> int:
         return 32 if self.input_quantizer is None else self.input_quantizer.bits
+
+    input_bits = activation_bits
+
+    @property
+    def binary_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
 
     def reset_parameters(self) -> None:
         """Nothing to initialise: the packed weights come from a trained SurgeLinear or a checkpoint."""
@@ -242,14 +286,55 @@ class PackedSurgeLinear(nn.Linear):
         """The dense `alpha_row * sign` weight the layer multiplies with."""
         return unpack_binary_weight(self.weight, self.weight_scale, self.in_features, self.weight_scale.dtype)
 
+    @torch.no_grad()
+    def use_kernels(self) -> "PackedSurgeLinear":
+        """Run the forward on the compiled popcount kernels (inference); returns the layer.
+
+        A signed 1-bit input ({-alpha, alpha}) runs on XOR/popcount,
+        `y = alpha_x * alpha_w[o] * (K - 2 popcount(x_bits ^ w_bits)) + bias[o]`; an unsigned one
+        ({0, alpha}, BiT's post-ReLU FFN input) on AND/popcount,
+        `y = alpha_x * alpha_w[o] * (2 popcount(x_bits & w_bits) - popcount(x_bits)) + bias[o]`.
+        The state dict stays the packed checkpoint's (the kernels' word layout is a non-persistent
+        buffer), so `save_pretrained` of a deployed model writes a loadable checkpoint. Raises
+        ValueError unless the input is 1-bit and its quantizer calibrated, RuntimeError when the
+        kernels are unavailable.
+        """
+        quantizer = self.input_quantizer
+        if quantizer is None or quantizer.bits != 1:
+            raise ValueError(f"the popcount kernels need 1-bit inputs; this layer has activation_bits={self.activation_bits}")
+        if not bool(quantizer.initialized):
+            raise ValueError("the layer's activation quantizer is not calibrated yet; run at least one forward pass "
+                             "(or train / load a trained checkpoint) before surge_nlp.deploy")
+        if not ops.available():
+            raise RuntimeError(f"surge_nlp binary kernels unavailable: {ops.unavailable_reason()}")
+        self.register_buffer("kernel_weight", ops.bytes_to_words(self.weight, self.in_features), persistent=False)
+        self.engine = KERNEL_ENGINES[quantizer.signed]
+        return self
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        quantizer = self.input_quantizer
+        rows = x.reshape(-1, self.in_features).float()
+        scale = quantizer.alpha.detach().float().abs().clamp_min(MIN_SCALE)  # the simulated quantizer's effective scale
+        shift = quantizer.beta.detach().float().reshape(self.in_features).contiguous()
+        if quantizer.signed:
+            bits, mode = ops.pack_signs(rows, shift, float(scale)), ops.XOR
+        else:
+            bits, mode = ops.pack_unsigned(rows, shift, scale), ops.AND
+        bias = None if self.bias is None else self.bias.detach().float().contiguous()
+        out = ops.binary_matmul(bits, self.kernel_weight, self.in_features, mode, float(scale),
+                                self.weight_scale.float().contiguous(), bias)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.engine != SIMULATED:
+            return self._kernel_forward(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return F.linear(x, self.binary_weight().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weight_bits=1 (packed), activation_bits={self.activation_bits}")
+                f"weight_bits=1 (packed), activation_bits={self.activation_bits}, engine={self.engine}")
 
 
 class PackedSurgeEmbedding(nn.Module):
@@ -264,6 +349,10 @@ class PackedSurgeEmbedding(nn.Module):
         >>> bool(torch.equal(packed(ids), embedding(ids)))
         True
     """
+
+    weight_bits = 1
+    input_bits = 32
+    engine = SIMULATED  # a gather of packed rows; no matmul to put on the kernels
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
@@ -289,3 +378,7 @@ class PackedSurgeEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, weight_bits=1 (packed)"
+
+    @property
+    def binary_shape(self) -> tuple[int, int]:
+        return self.num_embeddings, self.embedding_dim

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from .attention import AttentionQuantizers
-from .deploy import BinaryLinear, runs_on_binary_kernels
-from .layers import PackedSurgeEmbedding, PackedSurgeLinear, SurgeEmbedding, SurgeLinear
+from .deploy import runs_on_binary_kernels
+from .layers import SIMULATED, BinarizedLayer
 from .packing import packed_length
 
 _TRAINING_ONLY = ("aux_weight", "aux_u", "aux_v")
@@ -41,7 +41,7 @@ class LayerSummary:
     params_32bit: int
     memory_bytes: int
     macs_per_token: int
-    engine: str = "simulated"  # "binary kernel" once surge_nlp.deploy runs it on XOR/popcount
+    engine: str = "simulated"  # or the kernel surge_nlp.deploy runs it on: "xor-popcount" / "and-popcount"
 
 
 @dataclass
@@ -92,27 +92,18 @@ def summary(model: nn.Module, seq_len: int = 128, print_fn=print) -> ModelSummar
     binarized_ids: set[int] = set()
     packed_fp32_bytes = 0  # packed weights are buffers, not parameters: count their FP32 size here
     for name, module in model.named_modules():
-        if isinstance(module, (SurgeLinear, PackedSurgeLinear)):
-            ones = module.in_features * module.out_features
-            # 32-bit: bias, one weight scale per output row, the input quantizer's alpha and beta.
-            fp = (module.bias.numel() if module.bias is not None else 0) + module.out_features
-            fp += _own_params(module.input_quantizer) if module.input_quantizer is not None else 0
-            packed_bytes = module.out_features * packed_length(module.in_features)
-            layers.append(LayerSummary(name, "SurgeLinear", 1, module.activation_bits, ones, fp, packed_bytes + 4 * fp, ones))
-        elif isinstance(module, BinaryLinear):
-            ones = module.in_features * module.out_features
-            # 32-bit: bias, weight scales, the input alpha and beta (every buffer but the packed words)
-            fp = sum(b.numel() for n, b in module.named_buffers() if n != "packed_weight")
-            packed_bytes = module.out_features * packed_length(module.in_features)
-            layers.append(LayerSummary(name, "BinaryLinear", 1, 1, ones, fp, packed_bytes + 4 * fp, ones, "binary kernel"))
-        elif isinstance(module, (SurgeEmbedding, PackedSurgeEmbedding)):
-            ones = module.num_embeddings * module.embedding_dim
-            fp = module.num_embeddings  # one scale per row
-            packed_bytes = module.num_embeddings * packed_length(module.embedding_dim)
-            layers.append(LayerSummary(name, "SurgeEmbedding", 1, 32, ones, fp, packed_bytes + 4 * fp, 0))
-        else:
+        if not isinstance(module, BinarizedLayer):  # the layer says its bits and engine (larq's `precision`)
             continue
-        if isinstance(module, (PackedSurgeLinear, PackedSurgeEmbedding, BinaryLinear)):
+        rows, columns = module.binary_shape
+        ones = rows * columns
+        # 32-bit: one weight scale per row, the bias, the input quantizer's alpha and beta.
+        fp = rows + sum(p.numel() for p in (getattr(module, "bias", None),) if p is not None)
+        quantizer = getattr(module, "input_quantizer", None)
+        fp += _own_params(quantizer) if quantizer is not None else 0
+        is_linear = isinstance(module, nn.Linear)  # PackedSurgeLinear is one
+        layers.append(LayerSummary(name, "linear" if is_linear else "embedding", module.weight_bits, module.input_bits,
+                                   ones, fp, rows * packed_length(columns) + 4 * fp, ones if is_linear else 0, module.engine))
+        if not isinstance(getattr(module, "weight", None), nn.Parameter):  # packed: a buffer, not a parameter
             packed_fp32_bytes += 4 * ones
         binarized_ids.update(id(p) for p in module.parameters())
 
@@ -126,8 +117,8 @@ def summary(model: nn.Module, seq_len: int = 128, print_fn=print) -> ModelSummar
         p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] not in _TRAINING_ONLY and "quantizer" not in n and "surge_attention" not in n
     )
 
-    binary_macs = sum(layer.macs_per_token for layer in layers if layer.kind in ("SurgeLinear", "BinaryLinear") and layer.input_bits == 1)
-    all_linear_macs = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (nn.Linear, PackedSurgeLinear, BinaryLinear)))
+    binary_macs = sum(layer.macs_per_token for layer in layers if layer.kind == "linear" and layer.input_bits == 1)
+    all_linear_macs = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     attention_macs = 0
     for module in model.modules():
         if isinstance(module, AttentionQuantizers):
@@ -143,7 +134,7 @@ def summary(model: nn.Module, seq_len: int = 128, print_fn=print) -> ModelSummar
     total_macs = (all_linear_macs + attention_macs) * seq_len
     totals = {
         "binarized_layers": len(layers),
-        "kernel_layers": sum(layer.engine == "binary kernel" for layer in layers),
+        "kernel_layers": sum(layer.engine != SIMULATED for layer in layers),
         "kernel_attention_modules": sum(
             runs_on_binary_kernels(model, m) for m in model.modules() if isinstance(m, AttentionQuantizers)
         ),

@@ -116,7 +116,7 @@ def test_relu_student_packs_reloads_and_deploys_exactly(tmp_path, activation_bit
     deployed = surge_nlp.deploy(packed)
     if activation_bits == 1:
         layer = deployed.bert.encoder.layer[1].output.dense
-        assert type(layer).__name__ == "BinaryLinear" and not layer.input_signed
+        assert layer.engine == "and-popcount" and not layer.input_quantizer.signed
     with torch.no_grad():
         assert torch.allclose(deployed(**batch).logits, reference, atol=1e-4)
 

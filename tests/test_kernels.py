@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import surge_nlp
-from surge_nlp.deploy import BINARY_ATTENTION_IMPLEMENTATION, BinaryLinear, deploy
+from surge_nlp.deploy import BINARY_ATTENTION_IMPLEMENTATION, deploy
 from surge_nlp.kernels import ops
 from surge_nlp.layers import PackedSurgeEmbedding, PackedSurgeLinear, SurgeLinear
 
@@ -199,7 +199,7 @@ def test_deployed_model_matches_simulated_logits_on_binary_kernels(family):
     model, batch = _calibrated_tiny(family=family, embedding_bits=1)
     expected = _logits(model, batch)
     fast = deploy(copy.deepcopy(model))
-    kernel_layers = [m for m in fast.modules() if isinstance(m, BinaryLinear)]
+    kernel_layers = [m for m in fast.modules() if isinstance(m, PackedSurgeLinear) and m.engine == "xor-popcount"]
     assert len(kernel_layers) == 12 and not any(isinstance(m, SurgeLinear) for m in fast.modules())
     assert fast.config._attn_implementation == BINARY_ATTENTION_IMPLEMENTATION
     assert isinstance(fast.get_input_embeddings(), PackedSurgeEmbedding)
@@ -217,23 +217,23 @@ def test_binary_attention_matches_simulated_attention_alone():
     expected = _logits(model, batch)
     surge_nlp.deploy(model)
     for name, module in model.named_modules():  # linears back to the simulated path: attention is what is tested
-        if isinstance(module, BinaryLinear):
+        if isinstance(module, PackedSurgeLinear):
             model.set_submodule(name, _SimulatedLinear(module))
     _assert_same_logits(_logits(model, batch), expected)
 
 
 class _SimulatedLinear(torch.nn.Module):
-    """Float evaluation of a BinaryLinear's buffers (independent of the kernels)."""
+    """Float evaluation of a deployed layer's kernel words and quantizer state (independent of the kernels)."""
 
-    def __init__(self, layer: BinaryLinear) -> None:
+    def __init__(self, layer: PackedSurgeLinear) -> None:
         super().__init__()
         self.layer = layer
-        bits, _ = _unpack(layer.packed_weight, layer.in_features)
+        bits, _ = _unpack(layer.kernel_weight, layer.in_features)
         self.weight = torch.where(bits, 1.0, -1.0) * layer.weight_scale[:, None]
 
     def forward(self, x):
-        alpha = self.layer.input_scale
-        signs = torch.where((x - self.layer.input_shift) / alpha >= 0, 1.0, -1.0)
+        alpha, beta = self.layer.input_quantizer.alpha.detach().abs(), self.layer.input_quantizer.beta.detach()
+        signs = torch.where((x - beta) / alpha >= 0, 1.0, -1.0)
         return torch.nn.functional.linear(alpha * signs, self.weight, self.layer.bias)
 
 
@@ -244,9 +244,11 @@ def test_deploy_from_packed_checkpoint_form():
     expected = _logits(model, batch)
     packed = pack_model(copy.deepcopy(model))
     assert any(isinstance(m, PackedSurgeLinear) for m in packed.modules())
+    packed_layers = {name: m for name, m in packed.named_modules() if isinstance(m, PackedSurgeLinear)}
     fast = deploy(packed)
-    assert not any(isinstance(m, PackedSurgeLinear) for m in fast.modules())
-    assert sum(isinstance(m, BinaryLinear) for m in fast.modules()) == 12
+    # the same layer objects, now on the kernels: one deployed layer, not a second class
+    assert {name: m for name, m in fast.named_modules() if isinstance(m, PackedSurgeLinear)} == packed_layers
+    assert {m.engine for m in packed_layers.values()} == {"xor-popcount"} and len(packed_layers) == 12
     _assert_same_logits(_logits(fast, batch), expected)
 
 
@@ -263,26 +265,38 @@ def test_deployed_model_saves_a_packed_checkpoint_that_deploys_again(tmp_path):
     assert torch.equal(_logits(deploy(reloaded), batch), expected)
 
 
-def test_binary_linear_state_dict_round_trip_and_shape_error():
+def test_deployed_layer_state_dict_is_the_packed_checkpoints_and_loads_back():
+    from surge_nlp.serialization import pack_model
+
     model, _ = _calibrated_tiny(seed=7, num_hidden_layers=1)
+    packed_state = pack_model(copy.deepcopy(model)).bert.encoder.layer[0].intermediate.dense.state_dict()
     layer = deploy(model).bert.encoder.layer[0].intermediate.dense
     state = layer.state_dict()
+    assert state.keys() == packed_state.keys() and "kernel_weight" not in state  # the kernels' words are not saved
+    assert all(torch.equal(state[k], packed_state[k]) for k in state)
     assert state["weight"].dtype == torch.uint8 and tuple(state["weight"].shape) == (130, 12)
-    copy_of = BinaryLinear(96, 130, torch.zeros(130, 2, dtype=torch.int64), torch.ones(130), torch.zeros(130),
-                           torch.ones(()), torch.zeros(96))
+    copy_of = PackedSurgeLinear(96, 130, activation_bits=1)
     copy_of.load_state_dict(state)
     x = torch.randn(4, 96)
-    assert torch.equal(copy_of(x), layer(x))
+    torch.testing.assert_close(copy_of(x), layer(x), rtol=1e-5, atol=1e-4)  # simulated vs kernels
+    assert torch.equal(copy_of.use_kernels()(x), layer(x))
     state["weight"] = state["weight"][:, :5]
-    with pytest.raises(RuntimeError, match="expected uint8"):
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
         copy_of.load_state_dict(state)
+
+
+def test_use_kernels_refuses_what_the_kernels_cannot_run():
+    with pytest.raises(ValueError, match="need 1-bit inputs; this layer has activation_bits=2"):
+        PackedSurgeLinear(16, 4, activation_bits=2).use_kernels()
+    with pytest.raises(ValueError, match="not calibrated"):
+        PackedSurgeLinear(16, 4, activation_bits=1).use_kernels()
 
 
 def test_multibit_activations_stay_simulated_and_summary_says_so():
     model, batch = _calibrated_tiny(seed=3, activation_bits=2)
     expected = _logits(model, batch)
     fast = deploy(model)
-    assert not any(isinstance(m, BinaryLinear) for m in fast.modules())
+    assert {m.engine for m in fast.modules() if isinstance(m, (PackedSurgeLinear, SurgeLinear))} == {"simulated"}
     assert fast.config._attn_implementation == "surge"
     _assert_same_logits(_logits(fast, batch), expected)
     report = surge_nlp.summary(fast, print_fn=None)
@@ -297,10 +311,10 @@ def test_summary_reports_layers_on_binary_kernels():
     fast = deploy(model)
     report = surge_nlp.summary(fast, print_fn=None)
     engines = {layer.name: layer.engine for layer in report.layers}
-    assert engines["bert.encoder.layer.0.attention.self.query"] == "binary kernel"
+    assert engines["bert.encoder.layer.0.attention.self.query"] == "xor-popcount"
     assert report.totals["kernel_layers"] == 12 and report.totals["kernel_attention_modules"] == 2
     assert report.totals["params_1bit"] == before.totals["params_1bit"]
-    assert "binary kernel" in str(report)
+    assert "xor-popcount" in str(report)
 
 
 def test_deploy_refuses_uncalibrated_quantizers():

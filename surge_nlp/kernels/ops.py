@@ -19,8 +19,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 
+import numpy as np
 import torch
 
 from .build import KernelBuildError, load_library
@@ -95,6 +97,24 @@ def use_variant(name: str):
         yield
     finally:
         lib.surge_set_variant(previous)
+
+
+def bytes_to_words(rows: torch.Tensor, columns: int) -> torch.Tensor:
+    """uint8 rows (8 signs per byte, least significant bit first: the packed checkpoint) -> the
+    kernels' int64 words. On a little-endian machine the same bits read as 64-bit words are the
+    kernels' layout, so this only pads each row to whole words."""
+    if sys.byteorder != "little":
+        raise RuntimeError("the binary kernels' packed layout needs a little-endian machine")
+    padding = 8 * words(columns) - rows.shape[-1]
+    return torch.nn.functional.pad(rows, (0, padding)).contiguous().view(torch.int64)
+
+
+def pack_unsigned(rows: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Packed bits of the unsigned 1-bit quantizer `round(clip((x - beta) / alpha, 0, 1))` of each row,
+    computed with the simulated quantizer's own expression so that both paths take the same bits."""
+    bits = ((rows - shift) / scale > 0.5).contiguous().numpy()
+    as_bytes = torch.from_numpy(np.packbits(bits, axis=-1, bitorder="little"))
+    return bytes_to_words(as_bytes, rows.shape[-1])
 
 
 def words(k: int) -> int:
