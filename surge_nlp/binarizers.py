@@ -101,15 +101,6 @@ class ActivationQuantizer(nn.Module):
         # Set by surge_nlp.calibrate for its one forward on every process: average alpha over them.
         self.collective_calibration = False
 
-    @property
-    def precision(self) -> int:
-        return self.bits
-
-    @property
-    def is_binary(self) -> bool:
-        """True when the output takes two values (1 bit, signed or unsigned)."""
-        return self.bits == 1
-
     def reset_parameters(self) -> None:
         """Back to the un-calibrated state: alpha re-initialised from the next batch, beta = 0."""
         with torch.no_grad():

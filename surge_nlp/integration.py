@@ -127,7 +127,7 @@ def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to
 
     if config.binarize_attention:
         register_attention()
-        text_config = model.config.get_text_config() if hasattr(model, "config") else None
+        text_config = model.config.get_text_config()  # a PreTrainedModel's: binarize and from_pretrained check
         num_heads = text_config.num_attention_heads
         head_dim = text_config.hidden_size // num_heads
         for name in _self_attention_names(model):

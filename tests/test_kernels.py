@@ -383,3 +383,39 @@ def test_compiler_without_openmp_still_builds_single_threaded_kernels(monkeypatc
     path = build.build_library()
     assert path.exists() and path.parent == tmp_path / "cache"
     assert "omp_" not in path.read_bytes().decode("latin-1")  # no OpenMP runtime referenced
+
+
+# ---------------------------------------------------------------- the interface table
+
+
+def test_the_interface_table_drives_signatures_variants_and_the_check_of_a_loaded_library(monkeypatch):
+    import ctypes
+    import dataclasses
+
+    from surge_nlp.kernels import build
+
+    table = build.read_interface('#define SURGE_INTERFACE \\\n    "abi 7\\n" \\\n    "variants a b\\n" \\\n'
+                                 '    "fn f v p 3*q f\\n" \\\n    "fn g s\\n"\nint x;')
+    assert (table.abi, table.variants) == (7, ("a", "b"))
+    assert table.signatures == {"f": ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_float], None), "g": ([], ctypes.c_char_p)}
+    # The shipped table: the variant list is the C enum's, and the loaded library reports the same table.
+    assert ops.VARIANTS == build.INTERFACE.variants == ("generic", "avx2", "avx512_vpopcntdq")
+    assert build.load_library().surge_interface().decode() == build.INTERFACE.text
+    # A cached library built from another table (a stale or foreign file) is refused, not called.
+    monkeypatch.setattr(build, "INTERFACE", dataclasses.replace(build.INTERFACE, text=build.INTERFACE.text + "fn extra v\n"))
+    with pytest.raises(build.KernelBuildError, match="reports another interface"):
+        build.load_library()
+    with pytest.raises(build.KernelBuildError, match="no SURGE_INTERFACE table"):
+        build.read_interface("int main(void) { return 0; }")
+
+
+def test_use_variant_forces_the_variant_and_restores_automatic_selection():
+    lib = ops._lib()
+    assert lib.surge_forced_variant() == -1  # automatic: small products may go to a faster neighbour
+    for name in ops.supported_variants():
+        with ops.use_variant(name):
+            assert lib.surge_forced_variant() == ops.VARIANTS.index(name) and ops.active_variant() == name
+            with ops.use_variant("generic"):  # nested: restores the outer forced variant
+                assert ops.active_variant() == "generic"
+            assert ops.active_variant() == name
+        assert lib.surge_forced_variant() == -1

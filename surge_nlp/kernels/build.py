@@ -13,8 +13,10 @@ Environment:
 
 Example:
     >>> from surge_nlp.kernels import build
+    >>> build.INTERFACE.variants
+    ('generic', 'avx2', 'avx512_vpopcntdq')
     >>> lib = build.load_library()
-    >>> lib is None or lib.surge_abi_version() == build.ABI_VERSION
+    >>> lib is None or lib.surge_interface().decode() == build.INTERFACE.text
     True
 """
 
@@ -24,32 +26,64 @@ import ctypes
 import hashlib
 import os
 import shlex
+import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch  # noqa: F401  (loaded first: its libgomp.so.1 is the OpenMP runtime the kernels bind to)
 
 from ..atomic import atomic_write
 
 SOURCE = Path(__file__).with_name("surge_kernels.c")
-ABI_VERSION = 1
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fvisibility=hidden")
 OPENMP = "-fopenmp"  # dropped (single-threaded kernels) when the compiler has no OpenMP
-
-_c_int, _i64, _f32, _ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-SIGNATURES = {
-    "surge_abi_version": ([], _c_int),
-    "surge_variant_supported": ([_c_int], _c_int),
-    "surge_set_variant": ([_c_int], _c_int),
-    "surge_active_variant": ([], _c_int),
-    "surge_binary_matmul": ([_c_int, _ptr, _ptr, _ptr] + [_i64] * 15 + [_f32, _ptr, _ptr, _c_int], None),
-    "surge_pack_signs": ([_ptr] + [_i64] * 8 + [_ptr] + [_i64] * 4 + [_f32, _ptr, _i64, _c_int], None),
-    "surge_pack_probs": ([_ptr] + [_i64] * 8 + [_ptr] + [_i64] * 4 + [_f32, _f32, _f32, _ptr, _i64, _c_int], None),
-}
+_CTYPES = {"i": ctypes.c_int, "q": ctypes.c_int64, "f": ctypes.c_float, "p": ctypes.c_void_p, "s": ctypes.c_char_p, "v": None}
 
 
 class KernelBuildError(RuntimeError):
     """The kernels could not be compiled or loaded (message says why)."""
+
+
+@dataclass(frozen=True)
+class Interface:
+    """The C source's SURGE_INTERFACE table: ABI version, variants, and each function's ctypes signature."""
+
+    text: str
+    abi: int
+    variants: tuple[str, ...]
+    signatures: dict[str, tuple[list, Any]]  # name -> (argtypes, restype)
+
+
+def _ctype_list(tokens: list[str]) -> list:
+    types = []
+    for token in tokens:
+        count, _, kind = token.rpartition("*")
+        types += [_CTYPES[kind]] * int(count or 1)
+    return types
+
+
+def read_interface(source: str) -> Interface:
+    """Parse the SURGE_INTERFACE string literal of the C source (the one table of the interface)."""
+    match = re.search(r"#define SURGE_INTERFACE((?:.*\\\n)*.*)", source)
+    if match is None:
+        raise KernelBuildError(f"{SOURCE.name} has no SURGE_INTERFACE table")
+    text = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', match[1])).replace("\\n", "\n")
+    abi, variants, signatures = None, (), {}
+    for line in text.splitlines():
+        key, *fields = line.split()
+        if key == "abi":
+            abi = int(fields[0])
+        elif key == "variants":
+            variants = tuple(fields)
+        elif key == "fn":
+            name, result, *arguments = fields
+            signatures[name] = (_ctype_list(arguments), _CTYPES[result])
+    return Interface(text, abi, variants, signatures)
+
+
+INTERFACE = read_interface(SOURCE.read_text())
 
 
 def cache_dir() -> Path:
@@ -99,9 +133,12 @@ def load_library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except OSError as error:
         raise KernelBuildError(f"cannot load {path} ({error})") from error
-    for name, (argtypes, restype) in SIGNATURES.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, restype
-    if lib.surge_abi_version() != ABI_VERSION:
-        raise KernelBuildError(f"{path} has ABI {lib.surge_abi_version()}, expected {ABI_VERSION}")
+    try:
+        for name, (argtypes, restype) in INTERFACE.signatures.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, restype
+    except AttributeError as error:
+        raise KernelBuildError(f"{path} does not match {SOURCE.name}'s interface (ABI {INTERFACE.abi}): {error}") from None
+    if lib.surge_interface().decode() != INTERFACE.text:
+        raise KernelBuildError(f"{path} reports another interface than {SOURCE.name}'s (ABI {INTERFACE.abi})")
     return lib

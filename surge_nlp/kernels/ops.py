@@ -25,9 +25,9 @@ import warnings
 import numpy as np
 import torch
 
-from .build import KernelBuildError, load_library
+from .build import INTERFACE, KernelBuildError, load_library
 
-VARIANTS = ("generic", "avx2", "avx512_vpopcntdq")
+VARIANTS = INTERFACE.variants  # the C source's table, in its enum order
 XOR, AND = 0, 1
 
 _state: dict = {}
@@ -86,11 +86,12 @@ def active_variant() -> str:
 
 @contextlib.contextmanager
 def use_variant(name: str):
-    """Run the block on one kernel variant (e.g. to compare the portable path with the AVX2 one)."""
+    """Run the block on one kernel variant, forced: every product runs on it, small ones included
+    (automatic selection may hand them to a faster neighbour). Restores the previous selection."""
     if name not in VARIANTS:
         raise ValueError(f"kernel variant {name!r} is invalid; allowed values: {', '.join(VARIANTS)}")
     lib = _lib()
-    previous = lib.surge_active_variant()
+    previous = lib.surge_forced_variant()  # -1: automatic
     if lib.surge_set_variant(VARIANTS.index(name)) < 0:
         raise ValueError(f"kernel variant {name!r} is not supported by this CPU; supported: {supported_variants()}")
     try:

@@ -23,7 +23,23 @@
 #define SURGE_API __attribute__((visibility("default")))
 /* Inlined with a constant `mode`, so that each variant's inner loop is compiled once per mode. */
 #define INLINE static inline __attribute__((always_inline))
-#define SURGE_ABI_VERSION 1
+
+/* The interface, in one table: the ABI version, the variants (in the order of the enum below) and
+ * every exported function's signature, "fn NAME RESULT ARGS..." with i = int, q = int64_t,
+ * f = float, p = pointer, s = C string, v = void and N*t = N arguments of type t. build.py reads this table
+ * from the source to declare the ctypes signatures and the variant list, and checks that a loaded
+ * library returns the same table from surge_interface(). Change the table with the code. */
+#define SURGE_INTERFACE                                                   \
+    "abi 2\n"                                                             \
+    "variants generic avx2 avx512_vpopcntdq\n"                            \
+    "fn surge_interface s\n"                                              \
+    "fn surge_variant_supported i i\n"                                    \
+    "fn surge_set_variant i i\n"                                          \
+    "fn surge_active_variant i\n"                                         \
+    "fn surge_forced_variant i\n"                                         \
+    "fn surge_binary_matmul v i p p p 15*q f p p i\n"                     \
+    "fn surge_pack_signs v p 8*q p 4*q f p q i\n"                         \
+    "fn surge_pack_probs v p 8*q p 4*q 3*f p q i\n"
 
 enum { VARIANT_GENERIC = 0, VARIANT_AVX2 = 1, VARIANT_AVX512 = 2 };
 enum { MODE_XOR = 0, MODE_AND = 1 };
@@ -43,7 +59,7 @@ enum { MODE_XOR = 0, MODE_AND = 1 };
 typedef void (*tile_fn)(int mode, const uint64_t *a, int64_t lda, const uint64_t *b, int64_t ldb,
                         int64_t rows, int64_t cols, int64_t words, int32_t *counts, int32_t *row_counts);
 
-SURGE_API int surge_abi_version(void) { return SURGE_ABI_VERSION; }
+SURGE_API const char *surge_interface(void) { return SURGE_INTERFACE; }
 
 /* ------------------------------------------------------------------ generic (portable) */
 
@@ -235,16 +251,23 @@ static int best_variant(void) {
 }
 
 static int active_variant = -1;
+/* A variant set explicitly runs every product itself (the tests force each one); automatic
+ * selection (-1) may hand small products to a faster neighbour. */
+static int forced_variant = -1;
 
 SURGE_API int surge_variant_supported(int variant) { return variant_supported(variant); }
 
-/* Select a variant (-1: the best this CPU supports). Returns the active variant, or -1 if unsupported. */
+/* Select a variant, forced (-1: automatic, the best this CPU supports). Returns the active
+ * variant, or -1 if unsupported. */
 SURGE_API int surge_set_variant(int variant) {
-    if (variant < 0) variant = best_variant();
-    if (!variant_supported(variant)) return -1;
-    active_variant = variant;
-    return variant;
+    int chosen = variant < 0 ? best_variant() : variant;
+    if (!variant_supported(chosen)) return -1;
+    active_variant = chosen;
+    forced_variant = variant < 0 ? -1 : variant;
+    return chosen;
 }
+
+SURGE_API int surge_forced_variant(void) { return forced_variant; }
 
 SURGE_API int surge_active_variant(void) {
     if (active_variant < 0) active_variant = best_variant();
@@ -301,8 +324,9 @@ SURGE_API void surge_binary_matmul(int mode, const uint64_t *a, const uint64_t *
                                    float scale, const float *col_scale, const float *bias, int threads) {
     tile_fn tile = current_tile();
 #ifdef SURGE_X86
-    /* rows of one or two words: the AVX2 lane-per-product paths beat 512-bit reductions */
-    if (tile == tile_avx512 && words <= 2) tile = tile_avx2;
+    /* rows of one or two words: the AVX2 lane-per-product paths beat 512-bit reductions (only
+     * under automatic selection: a forced AVX-512 runs its own path) */
+    if (tile == tile_avx512 && words <= 2 && forced_variant < 0) tile = tile_avx2;
 #endif
     int64_t m_tiles = (m + MB - 1) / MB, n_tiles = (n + NB - 1) / NB;
     int64_t tiles = g1 * g2 * m_tiles * n_tiles;
