@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("glue", help="the whole pipeline: fine-tune the teacher (unless --teacher), distil, evaluate, save packed",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     recipe_args(p, teacher_required=False)
+    p.add_argument("--model", help="base model (path or Hub id; default: the recipe's); any registered family "
+                                   "(BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, DeBERTa-v2/v3, ModernBERT)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the packed student with a model card")
     p.add_argument("--layers", action="store_true", help="print the per-layer table of the student summary, not only its totals")
     p.set_defaults(func=cmd_glue)

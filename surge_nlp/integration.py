@@ -1,8 +1,9 @@
 """Module swapping, in one place: which modules of a BERT-family model SURGE replaces, and how.
 
-Replaced: every `nn.Linear` inside the encoder's layer stack (`encoder.layer.N.` for BERT/RoBERTa/
-ELECTRA..., `transformer.layer.N.` for DistilBERT): the attention projections Q, K, V and output,
-and the FFN linears. The pooler's dense layer (`pooler.dense`, BERT-style) is binarized too, but
+Replaced: every `nn.Linear` inside the encoder's layer stack, as the model's family
+(`surge_nlp.families`) names it (`encoder.layer.N.` for BERT/RoBERTa/ELECTRA/DeBERTa,
+`transformer.layer.N.` for DistilBERT, `layers.N.` for ModernBERT): the attention projections and
+output, and the FFN linears. The pooler's dense layer (`pooler.dense`, BERT-style) is binarized too, but
 only when "pooler" is removed from `modules_to_not_convert` (the default keeps it; BiBERT/BiT count it
 binarized in their 13.4 MB). With `binarize_attention`, every self-attention module of the stack also gets
 `AttentionQuantizers` and the model runs the "surge" attention implementation. With
@@ -33,13 +34,11 @@ from torch import nn
 from .attention import ATTENTION_IMPLEMENTATION, AttentionQuantizers, register_attention
 from .binarizers import ActivationQuantizer
 from .config import SurgeConfig
-from .families import ffn_output_names, set_ffn_activation
+from .families import family_of, ffn_output_names, model_type, set_ffn_activation, supported_model_types
 from .layers import SurgeEmbedding, SurgeLinear
 from .surrogates import ProgressDriven
 
-ENCODER_LAYER = re.compile(r"(?:^|\.)(?:encoder|transformer)\.layer\.\d+\.")
 POOLER = re.compile(r"(?:^|\.)pooler\.")
-SUPPORTED = "BERT-family encoders whose layers live under `encoder.layer.N` (BERT, RoBERTa, ELECTRA, ...) or `transformer.layer.N` (DistilBERT)"
 
 
 def should_convert_module(name: str, patterns: list[str]) -> bool:
@@ -49,20 +48,12 @@ def should_convert_module(name: str, patterns: list[str]) -> bool:
 
 def encoder_linear_names(model: nn.Module) -> list[str]:
     """Qualified names of the encoder-stack linears SURGE binarizes (before exclusions)."""
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and ENCODER_LAYER.search(name)]
+    return family_of(model).linear_names(model)
 
 
 def pooler_linear_names(model: nn.Module) -> list[str]:
     """Qualified names of the pooler linears, binarized only when "pooler" is not excluded."""
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and POOLER.search(name)]
-
-
-def _self_attention_names(model: nn.Module) -> list[str]:
-    return [
-        name
-        for name, module in model.named_modules()
-        if ENCODER_LAYER.search(name + ".") and type(module).__name__.endswith("SelfAttention")
-    ]
 
 
 def _word_embedding_name(model: nn.Module) -> str | None:
@@ -110,13 +101,16 @@ def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to
     linear_names = [name for name in encoder_linear_names(model) if selected(model.get_submodule(name), name)]
     if not linear_names:
         raise ValueError(
-            f"SURGE found no encoder linear to binarize in {type(model).__name__}; supported: {SUPPORTED}, "
+            f"SURGE found no encoder linear to binarize in {type(model).__name__} (model type {model_type(model)!r}, "
+            f"looked under `{family_of(model).layers}.N`); supported model types: {', '.join(supported_model_types())}, "
             f"with modules_to_not_convert={skip}" + (" and the given filter_fn" if filter_fn is not None else "")
         )
     linear_names += [name for name in pooler_linear_names(model) if selected(model.get_submodule(name), name)]
-    post_relu: set[str] = set()
+    # Everything that can refuse the model is asked before the first module changes.
+    family = family_of(model)
+    attention_names = family.attention_names(model) if config.binarize_attention else []
+    post_relu = ffn_output_names(model) if config.ffn_activation == "relu" else set()
     if config.ffn_activation == "relu":
-        post_relu = ffn_output_names(model)
         set_ffn_activation(model, nn.ReLU())
     for name in linear_names:
         old = model.get_submodule(name)
@@ -130,7 +124,7 @@ def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to
         text_config = model.config.get_text_config()  # a PreTrainedModel's: binarize and from_pretrained check
         num_heads = text_config.num_attention_heads
         head_dim = text_config.hidden_size // num_heads
-        for name in _self_attention_names(model):
+        for name in attention_names:
             attention = model.get_submodule(name)
             if selected(attention, name):
                 device = next(attention.parameters()).device

@@ -1,9 +1,10 @@
 """Record the real-valued Q/K/V projections of an encoder for attention distillation.
 
-Forward hooks on the query/key/value linears (`attention.self.query|key|value` in BERT, RoBERTa,
-ELECTRA...; `attention.q_lin|k_lin|v_lin` in DistilBERT) keep their outputs: for a SURGE model these
-are the SurgeLinear outputs, before the attention quantizers binarize them, which is what BiBERT's
-direction matching compares.
+Forward hooks on the query/key/value linears that the model's family names (`surge_nlp.families`:
+`attention.self.query|key|value` in BERT, RoBERTa, ELECTRA; `attention.q_lin|k_lin|v_lin` in
+DistilBERT; `query_proj|key_proj|value_proj` in DeBERTa; ModernBERT's fused `attn.Wqkv`, split in
+three) keep their outputs: for a SURGE model these are the SurgeLinear outputs, before the attention
+quantizers binarize them, which is what BiBERT's direction matching compares.
 
 Example:
     >>> import torch
@@ -20,39 +21,32 @@ Example:
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
-PROJECTION = re.compile(
-    r"(?:^|\.)(?:encoder|transformer)\.layer\.(?P<layer>\d+)\.attention\."
-    r"(?:self\.(?P<bert>query|key|value)|(?P<distilbert>q|k|v)_lin)$"
-)
-_ROLE = {"query": 0, "key": 1, "value": 2, "q": 0, "k": 1, "v": 2}
-
+from ..families import family_of, supported_model_types
 
 def projection_modules(model: nn.Module) -> dict[tuple[int, int], nn.Module]:
-    """The Q/K/V linears by (layer index, role) with role 0 = query, 1 = key, 2 = value."""
-    found = {}
-    for name, module in model.named_modules():
-        match = PROJECTION.search(name)
-        if match:
-            found[(int(match["layer"]), _ROLE[match["bert"] or match["distilbert"]])] = module
-    return found
+    """The Q/K/V linears by (layer index, role) with role 0 = query, 1 = key, 2 = value; a fused QKV
+    linear is listed under role 0 and split at recording."""
+    return {(layer, role): module for layer, modules in family_of(model).projection_modules(model).items()
+            for role, module in enumerate(modules)}
 
 
 class ProjectionRecorder:
     """Keeps the latest output of every Q/K/V projection while active (a context manager)."""
 
     def __init__(self, model: nn.Module) -> None:
+        family = family_of(model)
         self._modules = projection_modules(model)
+        self._fused = len(family.projections) == 1  # one QKV linear per layer, split in three
         num_layers = len({layer for layer, _ in self._modules})
-        if num_layers == 0 or len(self._modules) != 3 * num_layers:
+        if num_layers == 0 or sorted(layer for layer, _ in self._modules) != sorted(
+                layer for layer in range(num_layers) for _ in family.projections):
             raise ValueError(
-                f"{type(model).__name__} has no complete query/key/value projections under "
-                "`encoder.layer.N.attention.self.{query,key,value}` or `transformer.layer.N.attention.{q,k,v}_lin`; "
-                "attention distillation supports BERT-family encoders and DistilBERT"
+                f"{type(model).__name__} has no complete query/key/value projections where its family "
+                f"({family.name!r}) keeps them ({', '.join(f'{family.layers}.N.{p}' for p in family.projections)}); "
+                f"attention distillation supports the model types {', '.join(supported_model_types())}"
             )
         self.num_layers = num_layers
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -71,7 +65,11 @@ class ProjectionRecorder:
 
     def _hook(self, key: tuple[int, int]):
         def keep_output(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            self._outputs[key] = output
+            if self._fused:  # [..., 3 * hidden] laid out as (q, k, v), as the attention module reads it
+                for role, part in enumerate(output.chunk(3, dim=-1)):
+                    self._outputs[(key[0], role)] = part
+            else:
+                self._outputs[key] = output
         return keep_output
 
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

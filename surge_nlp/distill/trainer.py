@@ -61,6 +61,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from ..attention import AttentionQuantizers
 from ..binarizers import ActivationQuantizer, calibrate
+from ..families import layer_index
 from ..integration import set_training_progress, surge_linears
 from .config import TrainingConfig
 from .losses import attention_loss, ground_truth_loss, hidden_states_loss, logits_loss
@@ -74,7 +75,6 @@ BEST = "best"
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "training_config.json"
 LOG_FILE = "log_history.jsonl"
-LAYER_INDEX = re.compile(r"\.layer\.(\d+)\.")
 
 MetricFn = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 
@@ -204,12 +204,12 @@ def lambda_statistics(model: nn.Module) -> dict[str, float]:
     lambdas: dict[int, list[float]] = {}
     alignments: dict[int, list[float]] = {}
     for name, linear in surge_linears(model).items():
-        match = LAYER_INDEX.search(name)
+        layer = layer_index(name)
         value = linear.last_lambda  # a host sync: read once
-        if match is None or value is None:
+        if layer is None or value is None:
             continue
-        lambdas.setdefault(int(match[1]), []).append(value)
-        alignments.setdefault(int(match[1]), []).append(linear.last_alignment)
+        lambdas.setdefault(layer, []).append(value)
+        alignments.setdefault(layer, []).append(linear.last_alignment)
     for layer, values in sorted(lambdas.items()):
         stats[f"lambda/layer_{layer}/mean"] = float(np.mean(values))
         stats[f"lambda/layer_{layer}/min"] = float(np.min(values))
@@ -224,14 +224,14 @@ def lambda_statistics(model: nn.Module) -> dict[str, float]:
 def _attention_compensation_statistics(model: nn.Module) -> dict[str, float]:
     stats = {}
     for name, module in model.named_modules():
-        match = LAYER_INDEX.search(name + ".")
-        if not isinstance(module, AttentionQuantizers) or module.compensators is None or match is None:
+        layer = layer_index(name)
+        if not isinstance(module, AttentionQuantizers) or module.compensators is None or layer is None:
             continue
         for operand, compensator in module.compensators.items():
             value = compensator.last_lambda
             if value is not None:
-                stats[f"attention_lambda/layer_{match[1]}/{operand}"] = value
-                stats[f"attention_alignment/layer_{match[1]}/{operand}"] = compensator.last_alignment
+                stats[f"attention_lambda/layer_{layer}/{operand}"] = value
+                stats[f"attention_alignment/layer_{layer}/{operand}"] = compensator.last_alignment
     return stats
 
 
