@@ -39,7 +39,7 @@ import torch
 
 from surge_nlp.config import SurgeConfig
 from surge_nlp.distill import hidden_states_loss, logits_loss, train
-from surge_nlp.distill.trainer import model_inputs
+from surge_nlp.distill.setup import model_inputs
 from surge_nlp.glue import compute_metrics, get_task, make_dataloader
 from surge_nlp.atomic import write_json_atomically
 from surge_nlp.pipeline import build_student, finetune_teacher, load_data, validation_metrics

@@ -18,7 +18,8 @@ import surge_nlp
 from surge_nlp import SurgeConfig
 from surge_nlp.binarizers import ActivationQuantizer, binarize_weight
 from surge_nlp.distill import TrainingConfig, train
-from surge_nlp.distill.trainer import is_improvement, parameter_groups
+from surge_nlp.distill.checkpoints import is_improvement
+from surge_nlp.distill.setup import parameter_groups
 from surge_nlp.families import ffn_output_names
 from surge_nlp.layers import SurgeLinear
 from surge_nlp.pipeline import inherit_weights

@@ -373,14 +373,14 @@ def test_a_cpu_launch_that_runs_one_process_is_reported(monkeypatch, caplog):
 
     from accelerate import Accelerator
 
-    from surge_nlp.distill.trainer import _check_process_group, asked_for_processes_but_runs_one
+    from surge_nlp.distill.setup import asked_for_processes_but_runs_one, check_process_group
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     assert asked_for_processes_but_runs_one()
     with caplog.at_level(logging.WARNING):
-        _check_process_group(Accelerator(cpu=True))
+        check_process_group(Accelerator(cpu=True))
     assert "runs ONE process" in caplog.text and "--multi_gpu --num_processes N" in caplog.text
     monkeypatch.delenv("MASTER_ADDR")
     assert not asked_for_processes_but_runs_one()

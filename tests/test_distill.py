@@ -30,7 +30,7 @@ from surge_nlp.distill import (
     soft_cross_entropy,
     train,
 )
-from surge_nlp.distill.trainer import check_teacher
+from surge_nlp.distill.setup import check_teacher
 
 from .conftest import REPO, tiny_config
 

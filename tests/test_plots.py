@@ -103,7 +103,7 @@ def test_tensorboard_receives_every_logged_scalar(tmp_path):
 @pytest.mark.parametrize("report_to,message", [("comet", "report_to='comet' is invalid; allowed values"),
                                                (["tensorboard", "nope"], "is invalid; allowed values")])
 def test_unknown_trackers_are_errors(report_to, message):
-    from surge_nlp.distill.trainer import resolve_trackers
+    from surge_nlp.distill.setup import resolve_trackers
 
     with pytest.raises(ValueError, match=message):
         resolve_trackers(report_to)

@@ -16,7 +16,9 @@ from .losses import (
     soft_cross_entropy,
 )
 from .projections import ProjectionRecorder
-from .trainer import TrainResult, evaluate, list_checkpoints, predict, train
+from .checkpoints import list_checkpoints
+from .evaluation import evaluate, predict
+from .trainer import TrainResult, train
 
 __all__ = [
     "ProjectionRecorder",

@@ -1,0 +1,128 @@
+"""The trainer's state on disk: resumable checkpoints and the best evaluation's weights.
+
+- `output_dir/checkpoints/step_N`: accelerate's full state (model, optimizer, RNG of every process)
+  plus `trainer_state.json` (the loop's position, log history and best-so-far; JSON, no pickle),
+  written under a fixed temporary name by every process and renamed by the main one.
+- `output_dir/best/step_N.safetensors`: the weights of the best evaluation so far (atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from safetensors.torch import save_model
+from torch import nn
+
+from ..atomic import atomic_write, commit, temporary_sibling
+from .config import TrainingConfig
+
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+TRAINER_STATE = "trainer_state.json"
+CONFIG_FILE = "training_config.json"
+
+
+@dataclass
+class TrainingState:
+    """The loop's position; saved as JSON in each checkpoint (no pickle). `best` is the best
+    evaluation so far ({"step", "value", "metrics"}) whose weights lie in `best/step_<step>.safetensors`."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    log_history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    match = re.fullmatch(r"step_(\d+)", path.name)
+    return int(match[1]) if match and path.is_dir() else None
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (unfinished temporary directories are ignored)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(step, path) for path in root.iterdir() if (step := _checkpoint_step(path)) is not None]
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: TrainingState, scheduler, keep: int) -> None:
+    final = output_dir / CHECKPOINTS / f"step_{progress.step}"
+    temporary = temporary_sibling(final, unique=False)
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))  # model, optimizer, RNG states of every process
+    if accelerator.is_main_process:
+        state = {"step": progress.step, "epoch": progress.epoch, "batches_in_epoch": progress.batches_in_epoch,
+                 "scheduler": scheduler.state_dict(), "log_history": progress.log_history, "best": progress.best}
+        (temporary / TRAINER_STATE).write_text(json.dumps(state))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        commit(temporary, final)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler) -> TrainingState:
+    accelerator.load_state(str(checkpoint))
+    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    return TrainingState(state["step"], state["epoch"], state["batches_in_epoch"], state["log_history"], state.get("best"))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation while training: output_dir/best/step_N.safetensors holds the best weights so far
+
+
+def eval_interval(config: TrainingConfig, steps_per_epoch: int) -> int | None:
+    """Optimizer steps between evaluations (None: evaluate once, at the end)."""
+    if config.eval_every is None:
+        return None
+    return steps_per_epoch if config.eval_every == "epoch" else config.eval_every
+
+
+def is_improvement(value: float, best: float | None, metric: str) -> bool:
+    """Whether `value` beats `best`: lower is better for "loss", higher for every other metric;
+    a tie keeps the earlier checkpoint."""
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def best_weights_path(output_dir: Path, step: int) -> Path:
+    return output_dir / BEST / f"step_{step}.safetensors"
+
+
+def save_best(accelerator: Accelerator, model: nn.Module, output_dir: Path, step: int) -> None:
+    # Written under a temporary name and renamed; older best files are removed only afterwards.
+    if accelerator.is_main_process:
+        path = best_weights_path(output_dir, step)
+        with atomic_write(path) as temporary:
+            save_model(model, str(temporary))
+        for old in path.parent.iterdir():
+            if old != path:
+                old.unlink()
+    accelerator.wait_for_everyone()
+
+
+def check_resumable(output_dir: Path, config: TrainingConfig, resume: bool) -> None:
+    saved_config = output_dir / CONFIG_FILE
+    if resume and saved_config.exists():
+        saved = json.loads(saved_config.read_text())
+        changed = sorted(key for key, value in config.to_dict().items() if saved.get(key) != value)
+        if changed:
+            raise ValueError(f"resume=True with a TrainingConfig that differs from the run in {output_dir} "
+                             f"in {changed}; resume with the same config, or start a new output_dir")
+    if not resume and list_checkpoints(output_dir):
+        raise FileExistsError(f"{output_dir} holds checkpoints of an earlier run; pass resume=True to continue it, "
+                              "or choose a new output_dir")
