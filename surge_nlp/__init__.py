@@ -17,7 +17,8 @@ from .config import SurgeConfig
 from .deploy import deploy
 from .hub import push_to_hub
 from .integration import set_training_progress, surge_linears
-from .layers import BinarizedLayer, PackedSurgeEmbedding, PackedSurgeLinear, SurgeEmbedding, SurgeLinear
+from .layers import BinarizedLayer, SurgeEmbedding, SurgeLinear
+from .packed_layers import PackedSurgeEmbedding, PackedSurgeLinear
 from .quantizer import SurgeHfQuantizer, register
 from .serialization import CheckpointError, pack_model, set_checkpoint_format
 from .summary import summary

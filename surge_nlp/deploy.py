@@ -48,7 +48,8 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from .attention import ATTENTION_IMPLEMENTATION, AttentionQuantizers, surge_attention_forward
 from .binarizers import ActivationQuantizer
 from .kernels import ops
-from .layers import SIMULATED, BinarizedLayer, PackedSurgeEmbedding, PackedSurgeLinear, SurgeEmbedding, SurgeLinear
+from .layers import SIMULATED, BinarizedLayer, SurgeEmbedding, SurgeLinear
+from .packed_layers import PackedSurgeEmbedding, PackedSurgeLinear
 
 BINARY_ATTENTION_IMPLEMENTATION = "surge_binary"
 

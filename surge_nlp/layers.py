@@ -1,8 +1,7 @@
-"""Binarized layers: `SurgeLinear` (encoder linears) and `SurgeEmbedding` (1-bit word embeddings),
-their packed forms `PackedSurgeLinear` / `PackedSurgeEmbedding`, and the `BinarizedLayer` protocol
-every one of them follows: `weight_bits`, `input_bits`, `engine` and `binary_shape`, which
-`surge_nlp.summary` reads (larq's `precision`). A `PackedSurgeLinear` is also the deployed layer:
-`use_kernels()` (what `surge_nlp.deploy` calls) moves its forward onto the popcount kernels.
+"""Binarized training layers: `SurgeLinear` (encoder linears) and `SurgeEmbedding` (1-bit word
+embeddings), and the `BinarizedLayer` protocol that they and their packed forms
+(`surge_nlp.packed_layers`) follow: `weight_bits`, `input_bits`, `engine` and `binary_shape`, which
+`surge_nlp.summary` reads (larq's `precision`).
 
 Example:
     >>> import torch
@@ -16,18 +15,15 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .binarizers import MIN_SCALE, ActivationQuantizer, binarize_weight, weight_signs_and_scales
+from .binarizers import ActivationQuantizer, binarize_weight
 from .compensator import GradientCompensator
 from .config import COMPENSATED_ESTIMATORS, SurgeConfig
-from .kernels import ops
-from .packing import pack_signs, packed_length, unpack_binary_weight
 
 SIMULATED = "simulated"
 KERNEL_ENGINES = {True: "xor-popcount", False: "and-popcount"}  # by input signedness
@@ -199,185 +195,6 @@ class SurgeEmbedding(nn.Embedding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_bits=1"
-
-    @property
-    def binary_shape(self) -> tuple[int, int]:
-        return self.num_embeddings, self.embedding_dim
-
-
-class PackedSurgeLinear(nn.Linear):
-    """The deployed form of `SurgeLinear`: 1-bit weights packed 8 per byte, no latent or auxiliary copy.
-
-    State: `weight` (uint8 buffer `[out, ceil(in / 8)]`, see `surge_nlp.packing`), `weight_scale`
-    (per-output-row alpha), `bias`, and the `input_quantizer`'s learned scale/shift. The packed
-    weight keeps the name `weight` so that a plain (non-SURGE) model refuses to load it (size
-    mismatch) instead of silently running unquantized. Its forward equals `SurgeLinear`'s eval forward.
-    It is an `nn.Linear` (features, bias, forward signature) so that PEFT can put LoRA adapters on it;
-    the packed weight itself is frozen (a buffer), and merging adapters into it is not possible.
-
-    Example:
-        >>> import torch
-        >>> from surge_nlp import PackedSurgeLinear, SurgeConfig, SurgeLinear
-        >>> layer = SurgeLinear.from_config(SurgeConfig(), in_features=16, out_features=4).eval()
-        >>> packed = PackedSurgeLinear.from_surge_linear(layer)
-        >>> packed.weight.dtype, tuple(packed.weight.shape)
-        (torch.uint8, (4, 2))
-        >>> x = torch.randn(3, 16)
-        >>> bool(torch.equal(packed(x), layer(x)))
-        True
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        activation_bits: int = 1,
-        estimator: str = "surge",
-        base_estimator: str = "clipped_ste",
-        input_signed: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        # nn.Linear's latent weight is only built on the meta device, then replaced by the packed buffer.
-        super().__init__(in_features, out_features, bias=bias, device="meta", dtype=dtype)
-        del self.weight
-        self.register_buffer("weight", torch.zeros(out_features, packed_length(in_features), dtype=torch.uint8, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, device=device, dtype=dtype))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
-        # The surrogate only matters for training; it is rebuilt so the quantizer is the same module type.
-        self.input_quantizer = _input_quantizer(activation_bits, estimator, base_estimator, in_features, device, dtype,
-                                                signed=input_signed)
-
-    @classmethod
-    @torch.no_grad()
-    def from_surge_linear(cls, layer: SurgeLinear) -> "PackedSurgeLinear":
-        """Pack a trained `SurgeLinear` (its latent weight, bias and input quantizer state)."""
-        packed = cls(layer.in_features, layer.out_features, layer.bias is not None, activation_bits=32,
-                     device=layer.weight.device, dtype=layer.weight.dtype)
-        # The same quantizer (scale, shift, calibration flag and surrogate), detached from the training model.
-        packed.input_quantizer = copy.deepcopy(layer.input_quantizer)
-        signs, scales = weight_signs_and_scales(layer.weight)
-        packed.weight = pack_signs(signs)
-        packed.weight_scale = scales.detach().clone()
-        if layer.bias is not None:
-            packed.bias.data = layer.bias.detach().clone()
-        return packed
-
-    weight_bits = 1
-    engine = SIMULATED  # use_kernels() sets the kernel this layer runs on
-
-    @property
-    def activation_bits(self) -> int:
-        return 32 if self.input_quantizer is None else self.input_quantizer.bits
-
-    input_bits = activation_bits
-
-    @property
-    def binary_shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
-
-    def reset_parameters(self) -> None:
-        """Nothing to initialise: the packed weights come from a trained SurgeLinear or a checkpoint."""
-
-    def binary_weight(self) -> torch.Tensor:
-        """The dense `alpha_row * sign` weight the layer multiplies with."""
-        return unpack_binary_weight(self.weight, self.weight_scale, self.in_features, self.weight_scale.dtype)
-
-    @torch.no_grad()
-    def use_kernels(self) -> "PackedSurgeLinear":
-        """Run the forward on the compiled popcount kernels (inference); returns the layer.
-
-        A signed 1-bit input ({-alpha, alpha}) runs on XOR/popcount,
-        `y = alpha_x * alpha_w[o] * (K - 2 popcount(x_bits ^ w_bits)) + bias[o]`; an unsigned one
-        ({0, alpha}, BiT's post-ReLU FFN input) on AND/popcount,
-        `y = alpha_x * alpha_w[o] * (2 popcount(x_bits & w_bits) - popcount(x_bits)) + bias[o]`.
-        The state dict stays the packed checkpoint's (the kernels' word layout is a non-persistent
-        buffer), so `save_pretrained` of a deployed model writes a loadable checkpoint. Raises
-        ValueError unless the input is 1-bit and its quantizer calibrated, RuntimeError when the
-        kernels are unavailable.
-        """
-        quantizer = self.input_quantizer
-        if quantizer is None or quantizer.bits != 1:
-            raise ValueError(f"the popcount kernels need 1-bit inputs; this layer has activation_bits={self.activation_bits}")
-        if not bool(quantizer.initialized):
-            raise ValueError("the layer's activation quantizer is not calibrated yet; run at least one forward pass "
-                             "(or train / load a trained checkpoint) before surge_nlp.deploy")
-        if not ops.available():
-            raise RuntimeError(f"surge_nlp binary kernels unavailable: {ops.unavailable_reason()}")
-        self.register_buffer("kernel_weight", ops.bytes_to_words(self.weight, self.in_features), persistent=False)
-        self.engine = KERNEL_ENGINES[quantizer.signed]
-        return self
-
-    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        quantizer = self.input_quantizer
-        rows = x.reshape(-1, self.in_features).float()
-        scale = quantizer.alpha.detach().float().abs().clamp_min(MIN_SCALE)  # the simulated quantizer's effective scale
-        shift = quantizer.beta.detach().float().reshape(self.in_features).contiguous()
-        if quantizer.signed:
-            bits, mode = ops.pack_signs(rows, shift, float(scale)), ops.XOR
-        else:
-            bits, mode = ops.pack_unsigned(rows, shift, scale), ops.AND
-        bias = None if self.bias is None else self.bias.detach().float().contiguous()
-        out = ops.binary_matmul(bits, self.kernel_weight, self.in_features, mode, float(scale),
-                                self.weight_scale.float().contiguous(), bias)
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.engine != SIMULATED:
-            return self._kernel_forward(x)
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        return F.linear(x, self.binary_weight().to(x.dtype), self.bias)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weight_bits=1 (packed), activation_bits={self.activation_bits}, engine={self.engine}")
-
-
-class PackedSurgeEmbedding(nn.Module):
-    """The deployed form of `SurgeEmbedding`: rows packed 8 signs per byte plus one scale per row.
-
-    Example:
-        >>> import torch
-        >>> from surge_nlp import PackedSurgeEmbedding, SurgeEmbedding
-        >>> embedding = SurgeEmbedding(10, 16)
-        >>> packed = PackedSurgeEmbedding.from_surge_embedding(embedding)
-        >>> ids = torch.tensor([[1, 2, 9]])
-        >>> bool(torch.equal(packed(ids), embedding(ids)))
-        True
-    """
-
-    weight_bits = 1
-    input_bits = 32
-    engine = SIMULATED  # a gather of packed rows; no matmul to put on the kernels
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
-        self.padding_idx = padding_idx
-        self.register_buffer("weight", torch.zeros(num_embeddings, packed_length(embedding_dim), dtype=torch.uint8, device=device))
-        self.register_buffer("weight_scale", torch.ones(num_embeddings, device=device, dtype=dtype))
-
-    @classmethod
-    @torch.no_grad()
-    def from_surge_embedding(cls, embedding: SurgeEmbedding) -> "PackedSurgeEmbedding":
-        packed = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
-                     device=embedding.weight.device, dtype=embedding.weight.dtype)
-        signs, scales = weight_signs_and_scales(embedding.weight)
-        packed.weight = pack_signs(signs)
-        packed.weight_scale = scales.detach().clone()
-        return packed
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return unpack_binary_weight(self.weight[input_ids], self.weight_scale[input_ids], self.embedding_dim, self.weight_scale.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, weight_bits=1 (packed)"
 
     @property
     def binary_shape(self) -> tuple[int, int]:

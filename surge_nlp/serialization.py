@@ -47,7 +47,8 @@ from torch import nn
 
 from .attention import AttentionQuantizers
 from .config import CHECKPOINT_FORMATS, SurgeConfig
-from .layers import PackedSurgeEmbedding, PackedSurgeLinear, SurgeEmbedding, SurgeLinear
+from .layers import SurgeEmbedding, SurgeLinear
+from .packed_layers import PackedSurgeEmbedding, PackedSurgeLinear
 
 METADATA_FORMAT_KEY = "surge_nlp.checkpoint_format"
 # CRC-32 of every tensor's bytes, by name (safetensors itself has no checksum): catches damaged data.

@@ -11,7 +11,8 @@ import torch
 import surge_nlp
 from surge_nlp.deploy import BINARY_ATTENTION_IMPLEMENTATION, deploy
 from surge_nlp.kernels import ops
-from surge_nlp.layers import PackedSurgeEmbedding, PackedSurgeLinear, SurgeLinear
+from surge_nlp.layers import SurgeLinear
+from surge_nlp.packed_layers import PackedSurgeEmbedding, PackedSurgeLinear
 
 from .conftest import tiny_config
 
