@@ -56,7 +56,24 @@ def _input_quantizer(activation_bits: int, estimator: str, base_estimator: str, 
     return quantizer.to(device=device, dtype=dtype)
 
 
-class SurgeLinear(nn.Linear):
+class OneBitLinearBits:
+    """The `BinarizedLayer` side of a linear with 1-bit weights and an `input_quantizer` (a mixin)."""
+
+    weight_bits = 1
+    engine = SIMULATED
+
+    @property
+    def activation_bits(self) -> int:
+        return 32 if self.input_quantizer is None else self.input_quantizer.bits
+
+    input_bits = activation_bits
+
+    @property
+    def binary_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+
+class SurgeLinear(OneBitLinearBits, nn.Linear):
     """A linear layer with 1-bit weights, quantized inputs and an optional SURGE compensator.
 
     `weight` holds the latent full-precision weights (trained; binarized on the fly as
@@ -109,19 +126,6 @@ class SurgeLinear(nn.Linear):
             weight_scale_gradient=config.weight_scale_gradient,
             **kwargs,
         )
-
-    weight_bits = 1
-    engine = SIMULATED
-
-    @property
-    def activation_bits(self) -> int:
-        return 32 if self.input_quantizer is None else self.input_quantizer.bits
-
-    input_bits = activation_bits
-
-    @property
-    def binary_shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
 
     @property
     def last_lambda(self) -> float | None:

@@ -16,11 +16,11 @@ from torch import nn
 
 from .binarizers import MIN_SCALE, weight_signs_and_scales
 from .kernels import ops
-from .layers import KERNEL_ENGINES, SIMULATED, SurgeEmbedding, SurgeLinear, _input_quantizer
+from .layers import KERNEL_ENGINES, SIMULATED, OneBitLinearBits, SurgeEmbedding, SurgeLinear, _input_quantizer
 from .packing import pack_signs, packed_length, unpack_binary_weight
 
 
-class PackedSurgeLinear(nn.Linear):
+class PackedSurgeLinear(OneBitLinearBits, nn.Linear):
     """The deployed form of `SurgeLinear`: 1-bit weights packed 8 per byte, no latent or auxiliary copy.
 
     State: `weight` (uint8 buffer `[out, ceil(in / 8)]`, see `surge_nlp.packing`), `weight_scale`
@@ -81,19 +81,7 @@ class PackedSurgeLinear(nn.Linear):
             packed.bias.data = layer.bias.detach().clone()
         return packed
 
-    weight_bits = 1
-    engine = SIMULATED  # use_kernels() sets the kernel this layer runs on
-
-    @property
-    def activation_bits(self) -> int:
-        return 32 if self.input_quantizer is None else self.input_quantizer.bits
-
-    input_bits = activation_bits
-
-    @property
-    def binary_shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
-
+    # engine: SIMULATED until use_kernels() sets the kernel this layer runs on
     def reset_parameters(self) -> None:
         """Nothing to initialise: the packed weights come from a trained SurgeLinear or a checkpoint."""
 
