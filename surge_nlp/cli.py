@@ -147,7 +147,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from .pipeline import (PipelineResult, _save_atomically, check_tokenizers, distill_stages, evaluate_shipped, load_teacher,
+    from .pipeline import (PipelineResult, _save_atomically, write_once, check_tokenizers, distill_stages, evaluate_shipped, load_teacher,
                            resolve_model)
     from .serialization import set_checkpoint_format
     from transformers import AutoTokenizer
@@ -166,7 +166,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     student, stages = distill_stages(recipe, teacher, start, tokenizer, output, resume=args.resume, report_to=args.report_to,
                                      progress=not args.quiet)
     set_checkpoint_format(student, "packed")
-    _save_atomically(student, output / "student", tokenizer)
+    write_once(lambda: _save_atomically(student, output / "student", tokenizer))
     shipped = evaluate_shipped(recipe, output / "student", tokenizer)
     if _is_main_process():
         _write_plots(output)

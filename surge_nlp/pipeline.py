@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -66,12 +68,33 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def write_once(write: Callable[[], Any]) -> None:
+    """Run `write` on the main process only, then wait for it on every process.
+
+    Under `accelerate launch` every process runs the pipeline (each trains its shard, and the
+    trainer keeps the replicas identical); one of them writes each file, and the others read it
+    only after it is whole. A single process just writes."""
+    state = PartialState()
+    if state.is_main_process:
+        write()
+    state.wait_for_everyone()
+
+
 def _save_atomically(model: nn.Module, directory: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
     """save_pretrained into a temporary folder, then rename: a killed run never leaves a half checkpoint."""
     with atomic_write(directory) as temporary:
         model.save_pretrained(temporary)
         if tokenizer is not None:
             tokenizer.save_pretrained(temporary)
+
+
+def _save_with_json(model: nn.Module, directory: Path, json_name: str, info: dict[str, Any],
+                    tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    """The model folder, then its JSON record (whose presence marks the folder complete), written once."""
+    def write() -> None:
+        _save_atomically(model, directory, tokenizer)
+        write_json_atomically(directory / json_name, info)
+    write_once(write)
 
 
 def check_tokenizers(teacher_tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase,
@@ -174,8 +197,7 @@ def finetune_teacher(recipe: Recipe, output_dir: Path, resume: bool = False,
     info = _train_stage(teacher, recipe.teacher, data, tokenizer, output_dir / "teacher_training", None, resume, report_to, progress)
     info["metrics"] = validation_metrics(recipe, teacher, data, tokenizer)
     info["model"] = recipe.model
-    _save_atomically(teacher, teacher_dir, tokenizer)
-    write_json_atomically(teacher_dir / "teacher_metrics.json", info)
+    _save_with_json(teacher, teacher_dir, "teacher_metrics.json", info, tokenizer)
     return teacher, tokenizer, info
 
 
@@ -239,8 +261,7 @@ def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, 
             info.update(name=stage.name, bits=stage.quantization.bits_label, estimator=stage.quantization.estimator,
                         metrics=validation_metrics(recipe, student, data, tokenizer))
             set_checkpoint_format(student, "training")
-            _save_atomically(student, final)
-            write_json_atomically(final / "stage.json", info)
+            _save_with_json(student, final, "stage.json", info)
         stages_info.append(info)
         current_teacher = previous = student.eval()
     return previous, stages_info
@@ -271,18 +292,18 @@ def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = 
     student, stages = distill_stages(recipe, teacher, teacher_dir, tokenizer, output_dir, resume, report_to, progress)
 
     set_checkpoint_format(student, "packed")
-    _save_atomically(student, output_dir / "student", tokenizer)
+    write_once(lambda: _save_atomically(student, output_dir / "student", tokenizer))
     report = summary(student, print_fn=None)
     shipped = evaluate_shipped(recipe, output_dir / "student", tokenizer)
     result = PipelineResult(recipe.task, teacher_info, stages, str(output_dir / "student"), report.totals, shipped)
-    write_json_atomically(output_dir / "results.json", {"task": recipe.task, "recipe": recipe.sources, "teacher": teacher_info,
-                                              "stages": stages, "student_dir": result.student_dir, "summary": report.totals,
-                                              "shipped": shipped})
+    write_once(lambda: write_json_atomically(output_dir / "results.json", {
+        "task": recipe.task, "recipe": recipe.sources, "teacher": teacher_info, "stages": stages,
+        "student_dir": result.student_dir, "summary": report.totals, "shipped": shipped}))
     if push_to_hub:
         from .hub import push_to_hub as push
 
         metrics = next(iter(result.student["metrics"].values()))
-        push(student, push_to_hub, metrics=metrics, task=recipe.task, base_model=recipe.model)
+        write_once(lambda: push(student, push_to_hub, metrics=metrics, task=recipe.task, base_model=recipe.model))
     return result
 
 
@@ -319,4 +340,4 @@ def load_teacher(recipe: Recipe, teacher_path: str) -> tuple[nn.Module, PreTrain
 
 __all__ = ["PipelineError", "PipelineResult", "build_student", "check_labels", "check_tokenizers",
            "distill_stages", "evaluate_shipped", "finetune_teacher", "inherit_weights", "load_teacher", "resolve_model", "run_glue", "set_label_names",
-           "write_json_atomically"]
+           "write_json_atomically", "write_once"]

@@ -402,3 +402,27 @@ def test_quiet_silences_every_progress_bar(tmp_path, tiny_base, capfd):
         import huggingface_hub
 
         huggingface_hub.utils.enable_progress_bars()
+
+
+def test_glue_under_accelerate_launch_with_two_cpu_processes_writes_and_prints_once(tmp_path, tiny_base, glue_mirror):
+    # The README's multi-process command, on CPU (gloo): both processes run the pipeline, one writes.
+    import os
+    import subprocess
+    import sys
+
+    recipe = write_recipe(tmp_path / "wnli.yaml", "wnli", tiny_base)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
+           "SURGE_NLP_GLUE_DATASET": str(glue_mirror), "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache")}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "surge_nlp.cli",
+               "-q", "glue", "wnli", "--recipe", str(recipe), "--output", str(tmp_path / "out")]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert completed.stdout.count("teacher (FP)") == 1 and completed.stdout.count("packed student:") == 1  # rank 0 only
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["stages"][-1]["steps"] == 2  # 32 examples, batch 8 per process, 2 processes: 2 steps per epoch
+    leftovers = [p for p in (tmp_path / "out").rglob(".*") if ".tmp" in p.name]
+    assert not leftovers, leftovers  # every write completed, once
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "student")  # whole and loadable
