@@ -33,7 +33,8 @@ from surge_nlp.atomic import write_json_atomically
 from surge_nlp.pipeline import finetune_teacher, run_glue
 from surge_nlp.recipe import Recipe, RecipeError, load_recipe, merge
 
-LADDER_KEYS = ("profiles", "tasks", "rows")
+LADDER_KEYS = ("profiles", "tasks", "rows", "ablations")
+ABLATION_KEYS = ("row", "against", "off")
 ROW_KEYS = ("recipe", "quantization", "training", "stages", "tasks")
 STAGE_KEYS = ("name", "quantization", "training", "keep_shifts")
 # The number each paper's GLUE table reports per task (METHOD.md section 3).
@@ -82,7 +83,19 @@ def load_ladder(path: str | Path) -> dict[str, Any]:
                 row_recipe(data, name, task)
             except RecipeError as err:
                 raise LadderError(f"{path}: row {name!r}, task {task}: {err}") from None
+    data.setdefault("ablations", [])
+    for index, ablation in enumerate(data["ablations"]):
+        if not isinstance(ablation, dict) or set(ablation) != set(ABLATION_KEYS):
+            raise LadderError(f"{path}: ablations[{index}] must be a mapping with keys {list(ABLATION_KEYS)}")
+        for key in ("row", "against"):
+            if ablation[key] not in rows:
+                raise LadderError(f"{path}: ablations[{index}].{key}={ablation[key]!r} is not a row; rows: {', '.join(rows)}")
     return data
+
+
+def ablation_rows(ladder: dict[str, Any]) -> set[str]:
+    """Rows that belong to the ablation table (its own protocol) rather than the ladder."""
+    return {name for ablation in ladder["ablations"] for name in (ablation["row"], ablation["against"])}
 
 
 def _check_task(path: str | Path, field: str, task: Any) -> None:
@@ -156,7 +169,7 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any
             teacher[task] = 100 * info["metrics"]["validation"][reported_metric(task)]
             teacher_walls[task] = info.get("wall_time_s")
     rows = []
-    for name in ladder["rows"]:
+    for name in ladder["rows"]:  # the ladder's rows and the ablation rows alike; split by `markdown`
         metrics, walls, selected, schedule, bits, multistep = {}, {}, {}, {}, None, False
         for task in row_tasks(ladder, name):
             path = output / name / task / RESULT
@@ -187,6 +200,34 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any
 
 def _average(values: dict[str, float], tasks: list[str]) -> float | None:
     return sum(values[t] for t in tasks) / len(tasks) if tasks and all(t in values for t in tasks) else None
+
+
+def ablation_table(ladder: dict[str, Any], result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each ablation: its metrics, its reference row's, and the difference (ablation minus reference) per task."""
+    by_name = {row["name"]: row for row in result["rows"]}
+    table_rows = []
+    for ablation in ladder["ablations"]:
+        row, against = by_name.get(ablation["row"]), by_name.get(ablation["against"])
+        metrics = row["metrics"] if row else {}
+        reference = against["metrics"] if against else {}
+        table_rows.append({**ablation, "metrics": metrics, "reference": reference,
+                           "delta": {t: metrics[t] - reference[t] for t in metrics if t in reference},
+                           "wall_s": row["wall_s"] if row else {}})
+    return table_rows
+
+
+def ablation_markdown(ablations: list[dict[str, Any]], tasks: list[str], metric: dict[str, str]) -> str:
+    head = "| switched off | against | " + " | ".join(f"{t} ({metric[t]}): off / on (delta)" for t in tasks) + " |"
+    lines = [head, "|" + "---|" * (len(tasks) + 2)]
+    for a in ablations:
+        cells = []
+        for t in tasks:
+            if t in a["delta"]:
+                cells.append(f"{a['metrics'][t]:.1f} / {a['reference'][t]:.1f} ({a['delta'][t]:+.1f})")
+            else:
+                cells.append("")
+        lines.append(f"| {a['off']} | {a['against']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(result: dict[str, Any], tasks: list[str]) -> str:
@@ -251,11 +292,22 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{name} {task}: {metric}={100 * result['stages'][-1]['metrics']['validation'][metric]:.2f}", flush=True)
         else:
             result = table(ladder, output, teachers)
-            print(markdown(result, ladder["tasks"]))
+            in_ablations = ablation_rows(ladder)
+            ladder_result = {**result, "rows": [row for row in result["rows"] if row["name"] not in in_ablations]}
+            print(markdown(ladder_result, ladder["tasks"]))
+            if ladder["ablations"]:
+                ablations = ablation_table(ladder, result)
+                tasks = sorted({t for a in ladder["ablations"] for t in row_tasks(ladder, a["row"])}, key=ladder["tasks"].index)
+                print("\nAblations (each against the row it switches one ingredient off in):\n")
+                print(ablation_markdown(ablations, tasks, result["metric"]))
+                result = {**ladder_result, "ablations": ablations,
+                          "ablation_rows": [row for row in result["rows"] if row["name"] in in_ablations]}
+            else:
+                result = ladder_result
             if args.json:
                 write_json_atomically(Path(args.json), result)
             if args.plot:
-                print(f"bar chart: {plot_table(result, ladder['tasks'], Path(args.plot))}")
+                print(f"\nbar chart: {plot_table(result, ladder['tasks'], Path(args.plot))}")
     except (LadderError, RecipeError) as err:
         sys.exit(f"benchmark_ladder: error: {err}")
 

@@ -474,6 +474,12 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
     for r in ablations.values():
         assert r.max_seq_length == 64 and all(s.quantization.embedding_bits == 32 and s.training.num_epochs == 1 for s in r.stages)
     assert all(ladder_module.row_tasks(ladder, name) == ["stsb", "mrpc"] for name in ablations)
+    # the ablation table pairs each ablation with the row it switches one ingredient off in
+    assert {a["row"]: a["against"] for a in ladder["ablations"]} == {
+        "ablation_gelu_ffn": "ablation_all_on", "ablation_scale_through": "ablation_all_on",
+        "ablation_shift_at_scale_lr": "ablation_all_on", "ablation_all_off": "ablation_all_on",
+        "ablation_multistep_reset_shifts": "ablation_multistep"}
+    assert ladder_module.ablation_rows(ladder) == set(ablations)
     assert ladder_module.row_recipe(ladder, "w1a1", "stsb").max_seq_length is None  # the task's own length (128)
     w1a1 = ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0]
     assert w1a1.training.shift_lr == w1a1.training.learning_rate and w1a1.quantization.embedding_bits == 1
@@ -485,6 +491,8 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
     ({"rows": {"x": {"quantization": {"activation_bits": 3}}}}, "activation_bits=3 is invalid"),
     ({"rows": {"x": {"stages": []}}}, "must be a non-empty list"),
     ({"rows": {"x": {"recipe": {"stages": []}}}}, "stages go in rows.x.stages"),
+    ({"rows": {"x": {}}, "ablations": [{"row": "x", "against": "y", "off": "1a"}]}, r"ablations\[0\].against='y' is not a row"),
+    ({"rows": {"x": {}}, "ablations": [{"row": "x"}]}, r"ablations\[0\] must be a mapping with keys"),
     ({"rows": {"x": {"recipe": {"max_seq_length": "long"}}}}, "max_seq_length"),
     ({"profiles": ["nope"], "rows": {"x": {}}}, "no profile named 'nope'"),
 ])
@@ -574,3 +582,14 @@ def test_an_uncalibrated_forward_on_one_of_several_processes_warns_instead_of_ha
             dist.get_world_size, dist.all_reduce = original, original_all_reduce
     finally:
         dist.destroy_process_group()
+
+
+def test_ablation_table_is_each_row_minus_its_reference(ladder_module):
+    ladder = {"ablations": [{"row": "off", "against": "on", "off": "1b"}, {"row": "missing", "against": "on", "off": "1c"}]}
+    result = {"rows": [{"name": "on", "metrics": {"stsb": 10.5, "mrpc": 80.0}, "wall_s": {}},
+                       {"name": "off", "metrics": {"stsb": 9.2}, "wall_s": {"stsb": 711.0}}]}
+    first, second = ladder_module.ablation_table(ladder, result)
+    assert first["delta"] == {"stsb": pytest.approx(-1.3)} and first["reference"]["mrpc"] == 80.0
+    assert second["delta"] == {} and second["metrics"] == {}  # not run yet: an empty row, not a made-up number
+    text = ladder_module.ablation_markdown([first, second], ["stsb", "mrpc"], {"stsb": "pearson", "mrpc": "f1"})
+    assert "| 1b | on | 9.2 / 10.5 (-1.3) |  |" in text and "| 1c | on |  |  |" in text
