@@ -77,10 +77,12 @@ def surge_attention_forward(
         probs = quantizers.probs(probs)
         if attention_mask is not None:
             # A learned negative shift would lift masked (zero) probabilities to alpha: keep padding out.
-            probs = probs.masked_fill(attention_mask <= torch.finfo(attention_mask.dtype).min / 2, 0.0)
+            probs = probs.masked_fill(_is_masked(attention_mask), 0.0)
         quantized.append(probs)
         return probs
 
+    if not module.training and not torch.is_grad_enabled():
+        return _exact_inference_attention(quantizers, query, key, value, attention_mask, scaling)
     compensators = quantizers.compensators if quantizers.compensating() else None
     if compensators is not None:
         scores = compensated_matmul(query, key, quantizers.query, quantizers.key, compensators["query"],
@@ -97,6 +99,31 @@ def surge_attention_forward(
     else:
         output = torch.matmul(quantize_probs(probs), quantizers.value(value))
     return output.transpose(1, 2).contiguous(), quantized[0]
+
+
+def _is_masked(attention_mask: torch.Tensor) -> torch.Tensor:
+    return attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+
+
+@torch.no_grad()
+def _exact_inference_attention(quantizers: AttentionQuantizers, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference: both products on the integer levels, scaled afterwards, in the order the binary
+    kernels use (`dot * (alpha_a * alpha_b * scaling)`), so the simulated and deployed models
+    binarize the same values (the same predictions, not merely close logits)."""
+    dtype = query.dtype
+    alpha_q, alpha_k, alpha_v, alpha_p = (float(q.effective_scale()) for q in
+                                          (quantizers.query, quantizers.key, quantizers.value, quantizers.probs))
+    scores = torch.matmul(quantizers.query.unit_levels(query).float(), quantizers.key.unit_levels(key).float().transpose(2, 3))
+    scores = scores * (alpha_q * alpha_k * scaling)
+    if attention_mask is not None:
+        scores = scores + attention_mask.float()
+    probs = torch.softmax(scores, dim=-1)
+    levels = quantizers.probs.unit_levels(probs)
+    if attention_mask is not None:  # a learned negative shift must not lift masked keys
+        levels = levels.masked_fill(_is_masked(attention_mask), 0.0)
+    output = torch.matmul(levels, quantizers.value.unit_levels(value).float()) * (alpha_p * alpha_v)
+    return output.to(dtype).transpose(1, 2).contiguous(), (alpha_p * levels).to(dtype)
 
 
 def register_attention() -> None:

@@ -123,6 +123,23 @@ class ActivationQuantizer(nn.Module):
         self.alpha.copy_(alpha.to(self.alpha.dtype))
         self.initialized.fill_(True)
 
+    def effective_scale(self) -> torch.Tensor:
+        """|alpha|, at least MIN_SCALE: what the levels are multiplied by (a scale an update pushed
+        through zero keeps its levels' signs)."""
+        return self.alpha.detach().abs().clamp_min(MIN_SCALE)
+
+    @torch.no_grad()
+    def unit_levels(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer levels of `x` before the scale, for inference: +-1 (signed 1 bit), {0, 1}
+        (unsigned 1 bit), the LSQ integers otherwise. `effective_scale() * unit_levels(x)` is the
+        quantized value; the binary kernels binarize exactly these (the same float operations)."""
+        if not bool(self.initialized):
+            self._calibrate(x)
+        u = (x - self.beta.to(x.dtype)) / self.effective_scale().to(x.dtype)
+        if self.signed and self.bits == 1:
+            return torch.where(u >= 0, 1.0, -1.0).to(x.dtype)
+        return u.clamp(-self.q_neg, self.q_pos).round()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             self._calibrate(x)

@@ -116,6 +116,8 @@ def _print_table(result) -> None:
         for split, values in metrics.items():
             shown = "  ".join(f"{k}={100 * v:.2f}" for k, v in values.items())
             print(f"{name:<22} {bits:<9} {split:<24} {shown}")
+    for split, fraction in ((shipped or {}).get("agreement") or {}).items():
+        print(f"packed and deployed predict identically on {100 * fraction:.2f}% of {split}")
 
 
 def cmd_glue(args: argparse.Namespace) -> None:
@@ -187,19 +189,21 @@ def _load_for_task(path: str, task: str):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .glue import evaluate_model, load_glue
+    from .glue import agreement, load_glue, metrics_of, predictions_by_split
 
     model, tokenizer = _load_for_task(args.model, args.task)
     data = load_glue(args.task, tokenizer, dataset=args.dataset, max_eval_samples=args.max_eval_samples, splits=("validation",))
-    metrics = evaluate_model(args.task, model, data, tokenizer, batch_size=args.batch_size)
+    simulated = predictions_by_split(args.task, model, data, tokenizer, args.batch_size)
+    metrics = metrics_of(args.task, simulated, data)
     if args.deploy:
         from .deploy import deploy
         from .kernels import ops
 
         if not ops.available():
             raise ValueError(f"--deploy: the binary kernels cannot be built here ({ops.unavailable_reason()})")
-        deployed = evaluate_model(args.task, deploy(model.eval()), data, tokenizer, batch_size=args.batch_size)
-        metrics = {"simulated": metrics, "deployed": deployed}
+        deployed = predictions_by_split(args.task, deploy(model.eval()), data, tokenizer, args.batch_size)
+        metrics = {"simulated": metrics, "deployed": metrics_of(args.task, deployed, data),
+                   "identical_predictions": agreement(simulated, deployed)}
     print(json.dumps(metrics, indent=2))
 
 

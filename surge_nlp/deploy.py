@@ -9,8 +9,7 @@ Every binary x binary product runs on the compiled kernels of `surge_nlp.kernels
   the softmax in float, the 1-bit probabilities packed and P.V on AND/popcount
   (`sum_j p_j v_j = 2 popcount(p & v_pos) - popcount(p)`), scales applied afterwards;
 - 1-bit word embeddings are kept packed (`PackedSurgeEmbedding`), unpacked only for the looked-up rows.
-Inputs with 2/4/8-bit activations stay on the simulated path (see `surge_nlp.summary`). The
-result equals the simulated eval-mode model up to float rounding.
+Inputs with 2/4/8-bit activations stay on the simulated path (see `surge_nlp.summary`).
 
 The kernels compile on first use (system C compiler, cached per user). Without a compiler, deploy
 returns the model on the simulated path with a one-line RuntimeWarning.
@@ -31,11 +30,10 @@ Example:
     >>> fast(ids).logits.shape
     torch.Size([2, 2])
 
-The deployed logits equal the simulated ones up to float rounding (tests/test_kernels.py). One
-caveat: a value that is exactly 0 in exact arithmetic (possible when shifts and biases are all 0,
-as in a freshly initialised model) is an FP32 rounding residue of either sign in the simulated
-matmul, while the kernels produce the exact 0 (+1 after the next sign); trained models do not sit
-on such ties.
+The deployed model computes the same floats as the simulated one, bit for bit (tests/test_kernels.py):
+at inference (no gradients) the simulated layers and attention also take the integer products
+first and apply the scales afterwards in the kernels' order (`dot * alpha_x * alpha_w + bias`), so
+both binarize exactly the same values and a near-tie cannot flip one path and not the other.
 """
 
 from __future__ import annotations
@@ -93,7 +91,7 @@ def binary_attention_forward(
     batch, heads, q_len, head_dim = query.shape
     k_len = key.shape[2]
     q_quant, k_quant, v_quant, p_quant = quantizers.query, quantizers.key, quantizers.value, quantizers.probs
-    alpha_q, alpha_k, alpha_v, alpha_p = (float(q.alpha.detach()) for q in (q_quant, k_quant, v_quant, p_quant))
+    alpha_q, alpha_k, alpha_v, alpha_p = (float(q.effective_scale()) for q in (q_quant, k_quant, v_quant, p_quant))
     q_bits = ops.pack_signs(query, q_quant.beta.detach(), alpha_q)
     k_bits = ops.pack_signs(key, k_quant.beta.detach(), alpha_k)
     scores = ops.binary_matmul(q_bits, k_bits, head_dim, ops.XOR, alpha_q * alpha_k * scaling)

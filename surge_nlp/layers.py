@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .binarizers import ActivationQuantizer, binarize_weight
+from .binarizers import ActivationQuantizer, binarize_weight, weight_signs_and_scales
 from .compensator import GradientCompensator
 from .config import COMPENSATED_ESTIMATORS, SurgeConfig
 
@@ -54,6 +54,22 @@ def _input_quantizer(activation_bits: int, estimator: str, base_estimator: str, 
     surrogate = make_surrogate(base_estimator if estimator in COMPENSATED_ESTIMATORS else estimator)
     quantizer = ActivationQuantizer(activation_bits, signed=signed, surrogate=surrogate, shift_shape=(in_features,))
     return quantizer.to(device=device, dtype=dtype)
+
+
+def exact_inference(module: nn.Module) -> bool:
+    """Whether a linear's forward runs the exact inference path: whenever no gradient is recorded
+    (evaluation, `pipeline`, calibration); the value is the autograd path's up to float rounding."""
+    return not torch.is_grad_enabled()
+
+
+def exact_binary_linear(levels: torch.Tensor, signs: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """`(input_scale * levels) @ (weight_scale * signs)^T + bias`, computed as the popcount kernels do:
+    the integer dot product first (exact in float32 while the reduction is below 2^24), then
+    `dot * input_scale * weight_scale + bias` in that order, so both paths give the same floats."""
+    dot = F.linear(levels.float(), signs.float())
+    out = dot * input_scale.float() * weight_scale.float()
+    return out + bias.float() if bias is not None else out
 
 
 class OneBitLinearBits:
@@ -162,7 +178,13 @@ class SurgeLinear(OneBitLinearBits, nn.Linear):
             self.input_quantizer.reset_parameters()
 
     def binary_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The binary branch f_b: quantized input times binarized weight, plus bias."""
+        """The binary branch f_b: quantized input times binarized weight, plus bias (at inference,
+        the exact integer products, as `deploy`'s kernels compute them)."""
+        if self.input_quantizer is not None and exact_inference(self):
+            signs, scales = weight_signs_and_scales(self.weight)
+            out = exact_binary_linear(self.input_quantizer.unit_levels(x), torch.where(signs, 1.0, -1.0),
+                                      self.input_quantizer.effective_scale(), scales, self.bias)
+            return out.to(x.dtype)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return F.linear(x, binarize_weight(self.weight, self.weight_scale_gradient), self.bias)

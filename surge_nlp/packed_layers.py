@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .binarizers import MIN_SCALE, weight_signs_and_scales
+from .binarizers import weight_signs_and_scales
 from .kernels import ops
-from .layers import KERNEL_ENGINES, SIMULATED, OneBitLinearBits, SurgeEmbedding, SurgeLinear, _input_quantizer
+from .layers import KERNEL_ENGINES, SIMULATED, OneBitLinearBits, SurgeEmbedding, SurgeLinear, _input_quantizer, exact_binary_linear, exact_inference
 from .packing import pack_signs, packed_length, unpack_binary_weight
 
 
@@ -117,7 +117,7 @@ class PackedSurgeLinear(OneBitLinearBits, nn.Linear):
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         quantizer = self.input_quantizer
         rows = x.reshape(-1, self.in_features).float()
-        scale = quantizer.alpha.detach().float().abs().clamp_min(MIN_SCALE)  # the simulated quantizer's effective scale
+        scale = quantizer.effective_scale().float()
         shift = quantizer.beta.detach().float().reshape(self.in_features).contiguous()
         if quantizer.signed:
             bits, mode = ops.pack_signs(rows, shift, float(scale)), ops.XOR
@@ -131,6 +131,11 @@ class PackedSurgeLinear(OneBitLinearBits, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.engine != SIMULATED:
             return self._kernel_forward(x)
+        if self.input_quantizer is not None and exact_inference(self):  # the kernels' arithmetic, in torch
+            signs = unpack_binary_weight(self.weight, torch.ones_like(self.weight_scale), self.in_features, torch.float32)
+            out = exact_binary_linear(self.input_quantizer.unit_levels(x), signs, self.input_quantizer.effective_scale(),
+                                      self.weight_scale, self.bias)
+            return out.to(x.dtype)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return F.linear(x, self.binary_weight().to(x.dtype), self.bias)

@@ -310,16 +310,21 @@ def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = 
 def evaluate_shipped(recipe: Recipe, student_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
     """What is evaluated is what is shipped: the dev metrics of the packed student reloaded from
     `student_dir` ("packed") and of `surge_nlp.deploy` of it on the binary kernels ("deployed";
-    None, with "deployed_unavailable" saying why, when the kernels cannot be built here)."""
+    None, with "deployed_unavailable" saying why, when the kernels cannot be built here), and
+    "agreement": per dev split, the fraction of examples whose predictions are identical."""
     from .deploy import deploy
+    from .glue import agreement, metrics_of, predictions_by_split
     from .kernels import ops
 
     model = AutoModelForSequenceClassification.from_pretrained(student_dir).eval()
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(student_dir)
     data = load_data(recipe, tokenizer, splits=("validation",))
-    shipped: dict[str, Any] = {"packed": validation_metrics(recipe, model, data, tokenizer), "deployed": None}
+    packed = predictions_by_split(recipe.task, model, data, tokenizer, EVAL_BATCH_SIZE)
+    shipped: dict[str, Any] = {"packed": metrics_of(recipe.task, packed, data), "deployed": None}
     if ops.available():
-        shipped["deployed"] = validation_metrics(recipe, deploy(model), data, tokenizer)
+        deployed = predictions_by_split(recipe.task, deploy(model), data, tokenizer, EVAL_BATCH_SIZE)
+        shipped["deployed"] = metrics_of(recipe.task, deployed, data)
+        shipped["agreement"] = agreement(packed, deployed)
     else:
         shipped["deployed_unavailable"] = ops.unavailable_reason()
     return shipped

@@ -147,7 +147,7 @@ def pack_model(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         packed = _packed_module(module, name, model)
         if packed is not None:
-            model.set_submodule(name, packed)
+            model.set_submodule(name, packed.train(module.training))  # the mode it replaces
     config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
     if isinstance(config, SurgeConfig):
         config.checkpoint_format = "packed"

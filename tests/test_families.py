@@ -177,7 +177,7 @@ def test_a_few_distillation_steps_lower_the_loss(tmp_path, family):
     result = train(student, torch.utils.data.DataLoader(rows, batch_size=4, shuffle=True), config, teacher=teacher,
                    output_dir=tmp_path, progress=False)
     after = _distillation_loss(student.eval(), teacher, held_out)
-    assert result.steps == 16 and after < 0.8 * before, (before, after)
+    assert result.steps == 16 and after < 0.9 * before, (before, after)
     if family in WITH_ATTENTION:  # the per-layer lambda statistics find the family's layers
         assert {f"lambda/layer_{i}/mean" for i in range(3)} <= set(result.log_history[0])
 

@@ -21,7 +21,8 @@ from .data import (
     resolve_dataset,
 )
 from .metrics import GLUE_METRIC_PATH, compute_metrics, load_glue_metric
-from .predict import evaluate_model, format_predictions, predict, predict_to_submission, write_submission
+from .predict import (agreement, evaluate_model, format_predictions, metrics_of, predict, predict_to_submission,
+                      predictions_by_split, write_submission)
 from .tasks import COMBINED_SCORE, GLUE_TASKS, GlueTask, get_task
 
 __all__ = [

@@ -84,10 +84,32 @@ def evaluate_model(
         {'validation_matched': {'accuracy': 0.84}, 'validation_mismatched': {'accuracy': 0.85}}
     """
     task = _same_task(task, data)
-    return {
-        name: compute_metrics(task, predict(task, model, split, tokenizer, batch_size), list(split[MODEL_LABEL_COLUMN]))
-        for name, split in data.validation.items()
-    }
+    return metrics_of(task, predictions_by_split(task, model, data, tokenizer, batch_size), data)
+
+
+def predictions_by_split(task: str | GlueTask, model: torch.nn.Module, data: GlueData, tokenizer: PreTrainedTokenizerBase,
+                         batch_size: int) -> dict[str, np.ndarray]:
+    """`predict` on every validation split of `data`, by split name."""
+    task = _same_task(task, data)
+    return {name: np.asarray(predict(task, model, split, tokenizer, batch_size)) for name, split in data.validation.items()}
+
+
+def metrics_of(task: str | GlueTask, predictions: dict[str, np.ndarray], data: GlueData) -> dict[str, dict[str, float]]:
+    """GLUE metrics of predictions by split (from `predictions_by_split`)."""
+    task = _same_task(task, data)
+    return {name: compute_metrics(task, predictions[name], list(data.validation[name][MODEL_LABEL_COLUMN])) for name in predictions}
+
+
+def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per split, the fraction of examples where two models predict exactly the same (the same
+    class; for STS-B the same float score), e.g. a packed student and its deployed form.
+
+    Example:
+        >>> import numpy as np
+        >>> agreement({"validation": np.array([0, 1, 1, 0])}, {"validation": np.array([0, 1, 0, 0])})
+        {'validation': 0.75}
+    """
+    return {name: float(np.mean(a[name] == b[name])) for name in a}
 
 
 def format_predictions(task: str | GlueTask, predictions: Sequence[float] | np.ndarray) -> list[str]:
