@@ -43,7 +43,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from .attention import ATTENTION_IMPLEMENTATION, AttentionQuantizers, surge_attention_forward
+from .attention import AttentionQuantizers, surge_attention_forward
 from .binarizers import ActivationQuantizer
 from .kernels import ops
 from .layers import SIMULATED, BinarizedLayer, SurgeEmbedding, SurgeLinear
@@ -114,13 +114,6 @@ def register_binary_attention() -> None:
     AttentionMaskInterface.register(BINARY_ATTENTION_IMPLEMENTATION, eager_mask)
 
 
-def _set_attention_implementation(model: nn.Module, implementation: str) -> None:
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and getattr(config, "_attn_implementation", None) == ATTENTION_IMPLEMENTATION:
-            config._attn_implementation = implementation
-
-
 def runs_on_binary_kernels(model: nn.Module, module: nn.Module) -> bool:
     """Whether `module` (a layer or attention quantizer set of `model`) runs on the binary kernels."""
     if isinstance(module, BinarizedLayer):
@@ -163,5 +156,5 @@ def deploy(model: nn.Module) -> nn.Module:
         model.set_submodule(name, replacement)
     if any(isinstance(m, AttentionQuantizers) and _attention_is_binary(m) for m in model.modules()):
         register_binary_attention()
-        _set_attention_implementation(model, BINARY_ATTENTION_IMPLEMENTATION)
+        model.set_attn_implementation(BINARY_ATTENTION_IMPLEMENTATION)  # Transformers' hook
     return model
