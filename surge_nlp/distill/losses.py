@@ -18,9 +18,17 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .setup import model_inputs, text_config
+
+if TYPE_CHECKING:
+    from .config import TrainingConfig
+    from .projections import ProjectionRecorder
 
 GRAM_EPS = 1e-12
 
@@ -133,3 +141,50 @@ def ground_truth_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     if logits.shape[-1] == 1:
         return F.mse_loss(logits.float().squeeze(-1), labels.float())
     return F.cross_entropy(logits.float(), labels.long())
+
+
+def compute_losses(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    batch: dict[str, Any],
+    config: TrainingConfig,
+    student_projections: ProjectionRecorder | None = None,
+    teacher_projections: ProjectionRecorder | None = None,
+) -> dict[str, torch.Tensor]:
+    """One micro-batch: the weighted total under "loss" and each enabled term under "loss/<term>".
+
+    The projection recorders (active context managers on student and teacher) are needed only
+    with `attention_weight > 0`.
+    """
+    inputs = model_inputs(batch)
+    mask = inputs.get("attention_mask")
+    want_hidden = teacher is not None and config.hidden_weight > 0
+    student_out = student(**inputs, output_hidden_states=want_hidden)
+    terms: dict[str, torch.Tensor] = {}
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_out = teacher(**inputs, output_hidden_states=want_hidden)
+        if config.logits_weight > 0:
+            terms["logits"] = logits_loss(student_out.logits, teacher_out.logits, config.temperature)
+        if config.hidden_weight > 0:
+            terms["hidden"] = hidden_states_loss(student_out.hidden_states, teacher_out.hidden_states, mask)
+        if config.attention_weight > 0:
+            terms["attention"] = attention_loss(student_projections.layers(), teacher_projections.layers(),
+                                                text_config(teacher).num_attention_heads, mask)
+    if config.ground_truth_weight > 0:
+        if "labels" not in batch:
+            raise ValueError("ground_truth_weight > 0 needs a 'labels' entry in every training batch")
+        terms["ground_truth"] = ground_truth_loss(student_out.logits, batch["labels"])
+    weights = {"logits": config.logits_weight, "hidden": config.hidden_weight,
+               "attention": config.attention_weight, "ground_truth": config.ground_truth_weight}
+    total = sum(weights[name] * value for name, value in terms.items())
+    return {"loss": total, **{f"loss/{name}": value for name, value in terms.items()}}
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
+# The loop

@@ -43,7 +43,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -60,10 +59,10 @@ from .checkpoints import (CONFIG_FILE, TrainingState, best_weights_path, check_r
                           list_checkpoints, load_checkpoint, save_best, save_checkpoint)
 from .config import TrainingConfig
 from .evaluation import MetricFn, evaluate
-from .losses import attention_loss, ground_truth_loss, hidden_states_loss, logits_loss
+from .losses import compute_losses
 from .projections import ProjectionRecorder
 from .setup import (TRACKER_PROJECT, check_process_group, check_teacher, has_accelerator_device, model_inputs,
-                    parameter_groups, resolve_trackers, text_config)
+                    parameter_groups, resolve_trackers)
 
 logger = logging.getLogger(__name__)
 
@@ -97,53 +96,6 @@ class TrainResult:
 
 # --------------------------------------------------------------------------------------------
 # Building blocks
-
-
-def compute_losses(
-    student: nn.Module,
-    teacher: nn.Module | None,
-    batch: dict[str, Any],
-    config: TrainingConfig,
-    student_projections: ProjectionRecorder | None = None,
-    teacher_projections: ProjectionRecorder | None = None,
-) -> dict[str, torch.Tensor]:
-    """One micro-batch: the weighted total under "loss" and each enabled term under "loss/<term>".
-
-    The projection recorders (active context managers on student and teacher) are needed only
-    with `attention_weight > 0`.
-    """
-    inputs = model_inputs(batch)
-    mask = inputs.get("attention_mask")
-    want_hidden = teacher is not None and config.hidden_weight > 0
-    student_out = student(**inputs, output_hidden_states=want_hidden)
-    terms: dict[str, torch.Tensor] = {}
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_out = teacher(**inputs, output_hidden_states=want_hidden)
-        if config.logits_weight > 0:
-            terms["logits"] = logits_loss(student_out.logits, teacher_out.logits, config.temperature)
-        if config.hidden_weight > 0:
-            terms["hidden"] = hidden_states_loss(student_out.hidden_states, teacher_out.hidden_states, mask)
-        if config.attention_weight > 0:
-            terms["attention"] = attention_loss(student_projections.layers(), teacher_projections.layers(),
-                                                text_config(teacher).num_attention_heads, mask)
-    if config.ground_truth_weight > 0:
-        if "labels" not in batch:
-            raise ValueError("ground_truth_weight > 0 needs a 'labels' entry in every training batch")
-        terms["ground_truth"] = ground_truth_loss(student_out.logits, batch["labels"])
-    weights = {"logits": config.logits_weight, "hidden": config.hidden_weight,
-               "attention": config.attention_weight, "ground_truth": config.ground_truth_weight}
-    total = sum(weights[name] * value for name, value in terms.items())
-    return {"loss": total, **{f"loss/{name}": value for name, value in terms.items()}}
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-
-
-# --------------------------------------------------------------------------------------------
-# --------------------------------------------------------------------------------------------
-# The loop
 
 
 def make_accelerator(config: TrainingConfig, output_dir: Path, trackers: list[str]) -> Accelerator:
