@@ -105,8 +105,9 @@ def _check_task(path: str | Path, field: str, task: Any) -> None:
         raise LadderError(f"{path}: {field}: {err}") from None
 
 
-def row_recipe(ladder: dict[str, Any], row_name: str, task: str) -> Recipe:
-    """The recipe of one run: the task's recipe with the ladder's profiles, the row laid over its stage."""
+def row_recipe(ladder: dict[str, Any], row_name: str, task: str, seed: int | None = None) -> Recipe:
+    """The recipe of one run: the task's recipe with the ladder's profiles, the row laid over its
+    stage; `seed` (a repeat of the row) replaces every stage's training seed."""
     base = load_recipe(task, profiles=ladder["profiles"])
     if len(base.stages) != 1:
         raise LadderError(f"the ladder's rows start from one stage; the profiles give {task} {len(base.stages)}")
@@ -116,6 +117,8 @@ def row_recipe(ladder: dict[str, Any], row_name: str, task: str) -> Recipe:
     shared = {key: row[key] for key in ("quantization", "training") if key in row}
     stages = [merge(merge(base_stage, shared), change) for change in row.get("stages", [{}])]
     for stage, change in zip(stages, row.get("stages", [{}])):
+        if seed is not None:
+            stage["training"]["seed"] = seed
         if "name" not in change:  # named by its bits, e.g. "w1e1a4"
             q = stage["quantization"]
             stage["name"] = f"w{q.get('weight_bits', 1)}e{q.get('embedding_bits', 32)}a{q.get('activation_bits', 1)}"
@@ -138,9 +141,21 @@ def ensure_teacher(ladder: dict[str, Any], task: str, teachers: Path) -> dict[st
     return json.loads(metrics_path.read_text())
 
 
-def run_one(ladder: dict[str, Any], row_name: str, task: str, output: Path, teachers: Path) -> dict[str, Any]:
-    """One (row, task) run, resumed where it stopped; its results.json once finished."""
-    run_dir = output / row_name / task
+def run_dir_of(output: Path, row_name: str, task: str, seed: int | None = None) -> Path:
+    """`<output>/<row>/<task>` for the recipe's seed, `<output>/<row>@seed<N>/<task>` for a repeat."""
+    return output / (row_name if seed is None else f"{row_name}@seed{seed}") / task
+
+
+def seeds_run(output: Path, row_name: str, task: str) -> list[tuple[int | None, Path]]:
+    """The finished runs of (row, task): the recipe's seed first, then the repeats by seed."""
+    repeats = sorted((int(path.name.rsplit("@seed", 1)[1]), path / task) for path in output.glob(f"{row_name}@seed*")
+                     if path.name.rsplit("@seed", 1)[1].isdigit())
+    return [(seed, path) for seed, path in [(None, output / row_name / task), *repeats] if (path / RESULT).is_file()]
+
+
+def run_one(ladder: dict[str, Any], row_name: str, task: str, output: Path, teachers: Path, seed: int | None = None) -> dict[str, Any]:
+    """One (row, task[, seed]) run, resumed where it stopped; its results.json once finished."""
+    run_dir = run_dir_of(output, row_name, task, seed)
     if (run_dir / RESULT).is_file():
         return json.loads((run_dir / RESULT).read_text())
     ensure_teacher(ladder, task, teachers)
@@ -148,14 +163,14 @@ def run_one(ladder: dict[str, Any], row_name: str, task: str, output: Path, teac
     # Wall time over every call that worked on the run (a call killed midway does not add its part).
     walls = json.loads((run_dir / WALL).read_text()) if (run_dir / WALL).is_file() else []
     started = time.perf_counter()
-    run_glue(row_recipe(ladder, row_name, task), run_dir, teacher_path=str(teacher_dir(teachers, task)), resume=True)
+    run_glue(row_recipe(ladder, row_name, task, seed), run_dir, teacher_path=str(teacher_dir(teachers, task)), resume=True)
     write_json_atomically(run_dir / WALL, walls + [time.perf_counter() - started])
     return json.loads((run_dir / RESULT).read_text())
 
 
-def command(row_name: str, task: str, output: Path, teachers: Path) -> str:
+def command(row_name: str, task: str, output: Path, teachers: Path, seed: int | None = None) -> str:
     return (f"SURGE_NLP_GLUE_DATASET=../shared/data/glue python recipes/benchmark_ladder.py run "
-            f"--row {row_name} --task {task} --output {output} --teachers {teachers}")
+            f"--row {row_name} --task {task} --output {output} --teachers {teachers}" + (f" --seed {seed}" if seed is not None else ""))
 
 
 def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any]:
@@ -170,29 +185,36 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any
             teacher_walls[task] = info.get("wall_time_s")
     rows = []
     for name in ladder["rows"]:  # the ladder's rows and the ablation rows alike; split by `markdown`
-        metrics, walls, selected, schedule, bits, multistep = {}, {}, {}, {}, None, False
+        metrics, per_seed, walls, selected, schedule, commands, bits, multistep = {}, {}, {}, {}, {}, {}, None, False
+        recipe = None
         for task in row_tasks(ladder, name):
-            path = output / name / task / RESULT
-            if not path.is_file():
+            runs = seeds_run(output, name, task)
+            if not runs:
                 continue
-            result = json.loads(path.read_text())
-            last = result["stages"][-1]
-            metrics[task] = 100 * last["metrics"]["validation"][reported_metric(task)]
-            wall_path = output / name / task / WALL
-            walls[task] = sum(json.loads(wall_path.read_text())) if wall_path.is_file() else None
-            selected[task] = [f"{s['name']}: {s.get('selected', 'last')} (step {s.get('best_step') or s['steps']} of {s['steps']})"
-                              for s in result["stages"]]
-            schedule[task] = [f"{s['name']}: {s['steps']} steps" for s in result["stages"]]
-            bits, multistep = last["bits"], len(result["stages"]) > 1
+            recipe = row_recipe(ladder, name, task)
+            per_seed[task], walls[task], selected[task], commands[task] = {}, 0.0, [], []
+            for seed, run_dir in runs:
+                result = json.loads((run_dir / RESULT).read_text())
+                last = result["stages"][-1]
+                seed_value = seed if seed is not None else recipe.stages[-1].training.seed
+                per_seed[task][seed_value] = 100 * last["metrics"]["validation"][reported_metric(task)]
+                wall_path = run_dir / WALL
+                walls[task] += sum(json.loads(wall_path.read_text())) if wall_path.is_file() else 0.0
+                selected[task] += [f"seed {seed_value}, {s['name']}: {s.get('selected', 'last')} (step {s.get('best_step') or s['steps']} of {s['steps']})"
+                                   for s in result["stages"]]
+                schedule[task] = [f"{s['name']}: {s['steps']} steps" for s in result["stages"]]
+                commands[task].append(command(name, task, output, teachers, seed))
+                bits, multistep = last["bits"], len(result["stages"]) > 1
+            metrics[task] = sum(per_seed[task].values()) / len(per_seed[task])  # the mean over the seeds run
         if not metrics:
             continue
-        recipe = row_recipe(ladder, name, next(iter(metrics)))
         rows.append({
             "name": name, "bits": bits, "activation_bits": recipe.stages[-1].quantization.activation_bits,
             "multistep": multistep, "stages": [s.name for s in recipe.stages],
-            "quantization": recipe.stages[-1].quantization.to_dict(), "metrics": metrics, "wall_s": walls,
-            "selected": selected, "schedule": schedule, "seed": recipe.stages[-1].training.seed,
-            "command": {task: command(name, task, output, teachers) for task in metrics},
+            "quantization": recipe.stages[-1].quantization.to_dict(), "metrics": metrics, "metrics_by_seed": per_seed,
+            "wall_s": walls, "selected": selected, "schedule": schedule,
+            "seed": sorted({seed for values in per_seed.values() for seed in values}),
+            "command": {task: " ; ".join(lines) for task, lines in commands.items()},
         })
     return {"protocol": "cpu-full", "profiles": ladder["profiles"], "metric": {t: reported_metric(t) for t in ladder["tasks"]},
             "teacher": teacher, "teacher_wall_s": teacher_walls, "rows": rows}
@@ -203,17 +225,31 @@ def _average(values: dict[str, float], tasks: list[str]) -> float | None:
 
 
 def ablation_table(ladder: dict[str, Any], result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each ablation: its metrics, its reference row's, and the difference (ablation minus reference) per task."""
+    """Each ablation against its reference row, per task: both means over the seeds they share, and
+    the difference (ablation minus reference) paired by seed, its mean and each seed's."""
     by_name = {row["name"]: row for row in result["rows"]}
     table_rows = []
     for ablation in ladder["ablations"]:
         row, against = by_name.get(ablation["row"]), by_name.get(ablation["against"])
-        metrics = row["metrics"] if row else {}
-        reference = against["metrics"] if against else {}
-        table_rows.append({**ablation, "metrics": metrics, "reference": reference,
-                           "delta": {t: metrics[t] - reference[t] for t in metrics if t in reference},
-                           "wall_s": row["wall_s"] if row else {}})
+        mine = _by_seed(row) if row else {}
+        theirs = _by_seed(against) if against else {}
+        metrics, reference, delta, paired = {}, {}, {}, {}
+        for task, values in mine.items():
+            seeds = [seed for seed in values if seed in theirs.get(task, {})]
+            if not seeds:
+                continue
+            paired[task] = {seed: values[seed] - theirs[task][seed] for seed in seeds}
+            metrics[task] = sum(values[s] for s in seeds) / len(seeds)
+            reference[task] = sum(theirs[task][s] for s in seeds) / len(seeds)
+            delta[task] = sum(paired[task].values()) / len(seeds)
+        table_rows.append({**ablation, "metrics": metrics, "reference": reference, "delta": delta,
+                           "delta_by_seed": paired, "wall_s": row["wall_s"] if row else {}})
     return table_rows
+
+
+def _by_seed(row: dict[str, Any]) -> dict[str, dict[Any, float]]:
+    # rows from `table` carry metrics_by_seed; a row without it has one (unnamed) seed
+    return row.get("metrics_by_seed") or {task: {None: value} for task, value in row["metrics"].items()}
 
 
 def ablation_markdown(ablations: list[dict[str, Any]], tasks: list[str], metric: dict[str, str]) -> str:
@@ -223,7 +259,9 @@ def ablation_markdown(ablations: list[dict[str, Any]], tasks: list[str], metric:
         cells = []
         for t in tasks:
             if t in a["delta"]:
-                cells.append(f"{a['metrics'][t]:.1f} / {a['reference'][t]:.1f} ({a['delta'][t]:+.1f})")
+                seeds = len(a.get("delta_by_seed", {}).get(t, {None: 0}))
+                per_seed = f", {seeds} seeds: " + " ".join(f"{d:+.1f}" for d in a["delta_by_seed"][t].values()) if seeds > 1 else ""
+                cells.append(f"{a['metrics'][t]:.1f} / {a['reference'][t]:.1f} ({a['delta'][t]:+.1f}{per_seed})")
             else:
                 cells.append("")
         lines.append(f"| {a['off']} | {a['against']} | " + " | ".join(cells) + " |")
@@ -272,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teachers", default="runs/cpu-full")
     parser.add_argument("--row", action="append", help="rows to run (default: all, in the file's order)")
     parser.add_argument("--task", action="append", help="tasks to run (default: each row's)")
+    parser.add_argument("--seed", type=int, help="run: a repeat of the rows with this training seed (<row>@seed<N>/); "
+                                                 "table: every seed run is averaged")
     parser.add_argument("--json", help="table: also write the JSON here")
     parser.add_argument("--plot", help="table: also draw it as a bar chart (PNG) at this path")
     args = parser.parse_args(argv)
@@ -287,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
                 for task in row_tasks(ladder, name):
                     if args.task and task not in args.task:
                         continue
-                    result = run_one(ladder, name, task, output, teachers)
+                    result = run_one(ladder, name, task, output, teachers, args.seed)
                     metric = reported_metric(task)
                     print(f"{name} {task}: {metric}={100 * result['stages'][-1]['metrics']['validation'][metric]:.2f}", flush=True)
         else:

@@ -542,6 +542,17 @@ def test_ladder_runs_resumably_and_tabulates(ladder_module, tmp_path, minilm_pat
     assert "| w1a1 | 1-1-1 |" in capsys.readouterr().out
     ladder_module.main(["table", *argv, "--plot", str(tmp_path / "ladder.png")])
     assert (tmp_path / "ladder.png").stat().st_size > 5000
+    # A repeat with another seed: its own folder, its recipe's seed, averaged into the row.
+    ladder_module.main(["run", *argv, "--row", "w1a1", "--seed", "7"])
+    repeat = json.loads((tmp_path / "runs" / "w1a1@seed7" / "rte" / "results.json").read_text())
+    assert repeat["stages"][-1]["seed"] == 7 and first["stages"][-1]["seed"] == 42
+    ladder_module.main(["table", *argv, "--json", str(table_json)])
+    row = {row["name"]: row for row in json.loads(table_json.read_text())["rows"]}["w1a1"]
+    values = {int(seed): value for seed, value in row["metrics_by_seed"]["rte"].items()}
+    assert values == {42: pytest.approx(100 * first["stages"][-1]["metrics"]["validation"]["accuracy"]),
+                      7: pytest.approx(100 * repeat["stages"][-1]["metrics"]["validation"]["accuracy"])}
+    assert row["metrics"]["rte"] == pytest.approx(sum(values.values()) / 2) and row["seed"] == [7, 42]
+    assert "--seed 7" in row["command"]["rte"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,7 +600,13 @@ def test_ablation_table_is_each_row_minus_its_reference(ladder_module):
     result = {"rows": [{"name": "on", "metrics": {"stsb": 10.5, "mrpc": 80.0}, "wall_s": {}},
                        {"name": "off", "metrics": {"stsb": 9.2}, "wall_s": {"stsb": 711.0}}]}
     first, second = ladder_module.ablation_table(ladder, result)
-    assert first["delta"] == {"stsb": pytest.approx(-1.3)} and first["reference"]["mrpc"] == 80.0
+    assert first["delta"] == {"stsb": pytest.approx(-1.3)} and first["reference"] == {"stsb": 10.5}  # only paired tasks
     assert second["delta"] == {} and second["metrics"] == {}  # not run yet: an empty row, not a made-up number
+    # Repeats: paired by seed, a seed that only one side ran is left out of both means.
+    result["rows"][0]["metrics_by_seed"] = {"stsb": {42: 10.5, 2: 12.0, 3: 11.0}}
+    result["rows"][1]["metrics_by_seed"] = {"stsb": {42: 9.2, 2: 9.0}}
+    (paired, _) = ladder_module.ablation_table(ladder, result)
+    assert paired["delta_by_seed"]["stsb"] == {42: pytest.approx(-1.3), 2: pytest.approx(-3.0)}
+    assert paired["delta"]["stsb"] == pytest.approx(-2.15) and paired["reference"]["stsb"] == pytest.approx(11.25)
     text = ladder_module.ablation_markdown([first, second], ["stsb", "mrpc"], {"stsb": "pearson", "mrpc": "f1"})
     assert "| 1b | on | 9.2 / 10.5 (-1.3) |  |" in text and "| 1c | on |  |  |" in text
