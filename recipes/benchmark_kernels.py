@@ -1,5 +1,8 @@
 """Benchmark the binary kernels against FP32 PyTorch on this machine (same threads, one run).
 
+0. The two ceilings of this CPU (issue 13): the FP32 peak of a large torch/oneDNN GEMM and the binary
+   peak of an L1-resident XOR + popcount micro-kernel with the active variant's popcount
+   (`surge_nlp.kernels.ops.peak_xor_popcount`); each layer below also prints its fraction of the latter.
 1. Per layer, at BERT-base shapes (768x768, 768x3072, 3072x768; 128 tokens x batch 1 and 8):
    `torch.nn.Linear` FP32 vs the deployed `surge_nlp.PackedSurgeLinear` (activation packing + XOR/popcount matmul +
    scales). Prints the speedup and the fraction of the 32x arithmetic ceiling it reaches (1-bit
@@ -51,14 +54,36 @@ def _reps_for(ms_estimate: float, budget_ms: float = 1500.0, cap: int = 50) -> i
 
 
 @torch.no_grad()
-def per_layer() -> None:
+def peaks() -> dict[str, float]:
+    """This CPU's two ceilings with the same threads: the FP32 GEMM peak (a large torch/oneDNN matmul,
+    GFLOP/s) and the binary peak (L1-resident XOR + popcount, the active variant's popcount, GMAC/s =
+    1-bit multiply-accumulates per ns)."""
+    from surge_nlp.kernels import ops
+
+    x, w = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    fp32_ms = min(_median_ms(lambda: torch.mm(x, w), 5) for _ in range(3))
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(-2**62, 2**62, (ops.PEAK_WORDS,), generator=g, dtype=torch.int64) for _ in range(2))
+    threads = torch.get_num_threads()
+    reps = 20000
+    binary_ms = min(_median_ms(lambda: ops.peak_xor_popcount(a, b, reps, threads), 5) for _ in range(3))
+    result = {"fp32_gflops": 2 * 2048**3 / fp32_ms / 1e6,
+              "binary_gmacs": 64 * ops.PEAK_WORDS * reps * threads / binary_ms / 1e6, "variant": ops.active_variant()}
+    print(f"\n== ceilings, {threads} threads: FP32 GEMM {result['fp32_gflops']:.1f} GFLOP/s "
+          f"({result['fp32_gflops'] / 2:.1f} GMAC/s); binary XOR+popcount ({result['variant']}) "
+          f"{result['binary_gmacs']:.1f} GMAC/s = {result['binary_gmacs'] / (result['fp32_gflops'] / 2):.1f}x the FP32 MAC peak ==")
+    return result
+
+
+@torch.no_grad()
+def per_layer(ceilings: dict[str, float] | None = None) -> None:
     import surge_nlp
     from surge_nlp.kernels import ops
 
     print(f"\n== per layer: FP32 nn.Linear vs deployed PackedSurgeLinear, {torch.get_num_threads()} threads, "
           f"kernel variant {ops.active_variant()} ==")
     header = (f"{'in x out':>11} {'tokens':>6} {'fp32 ms':>9} {'binary ms':>10} {'(matmul ms)':>11} "
-              f"{'speedup':>8} {'of 32x':>7} {'fp32 GFLOP/s':>13} {'binary GMAC/s':>14}")
+              f"{'speedup':>8} {'of 32x':>7} {'fp32 GFLOP/s':>13} {'binary GMAC/s':>14} {'of peak':>8}")
     print(header)
     torch.manual_seed(0)
     for k, n in SHAPES:
@@ -80,8 +105,9 @@ def per_layer() -> None:
                                                              binary.weight_scale, binary.bias.detach()), _reps_for(fp32_ms / 4))
             speedup = fp32_ms / binary_ms
             macs = m * k * n
+            of_peak = f"{macs / binary_ms / 1e6 / ceilings['binary_gmacs']:>8.1%}" if ceilings else f"{'':>8}"
             print(f"{f'{k}x{n}':>11} {m:>6} {fp32_ms:>9.3f} {binary_ms:>10.3f} {matmul_ms:>11.3f} {speedup:>7.2f}x "
-                  f"{speedup / ARITHMETIC_CEILING:>7.1%} {2 * macs / fp32_ms / 1e6:>13.1f} {macs / binary_ms / 1e6:>14.1f}")
+                  f"{speedup / ARITHMETIC_CEILING:>7.1%} {2 * macs / fp32_ms / 1e6:>13.1f} {macs / binary_ms / 1e6:>14.1f} {of_peak}")
 
 
 def _rss_bytes(field: str) -> int:
@@ -181,6 +207,7 @@ def end_to_end(models: list[str], reps_scale: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
+    parser.add_argument("--skip-peaks", action="store_true", help="do not measure the FP32 and binary ceilings")
     parser.add_argument("--skip-layers", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="end-to-end models")
@@ -197,8 +224,9 @@ def main() -> None:
     if not ops.available():
         sys.exit(f"binary kernels unavailable: {ops.unavailable_reason()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernel variants {ops.supported_variants()}")
+    ceilings = None if args.skip_peaks else peaks()
     if not args.skip_layers:
-        per_layer()
+        per_layer(ceilings)
     if not args.skip_e2e:
         end_to_end(args.models, args.reps_scale)
 

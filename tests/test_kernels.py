@@ -424,3 +424,14 @@ def test_use_variant_forces_the_variant_and_restores_automatic_selection():
                 assert ops.active_variant() == "generic"
             assert ops.active_variant() == name
         assert lib.surge_forced_variant() == -1
+
+
+def test_the_peak_micro_kernel_counts_the_xor_bits_on_every_variant(variant):
+    g = torch.Generator().manual_seed(11)
+    a = torch.randint(-2**62, 2**62, (ops.PEAK_WORDS,), generator=g, dtype=torch.int64)
+    b = torch.randint(-2**62, 2**62, (ops.PEAK_WORDS,), generator=g, dtype=torch.int64)
+    expected = sum(bin(int(x) & (2**64 - 1)).count("1") for x in (a ^ b).tolist())
+    assert ops.peak_xor_popcount(a, b, reps=3, threads=1) == 3 * expected
+    assert ops.peak_xor_popcount(a, b, reps=2, threads=2) == 2 * 2 * expected
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ops.peak_xor_popcount(a[:40], b[:40], reps=1)

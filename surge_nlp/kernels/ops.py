@@ -219,3 +219,26 @@ def binary_matmul(a: torch.Tensor, b: torch.Tensor, k: int, mode: int = XOR, sca
         torch.get_num_threads(),
     )
     return out
+
+
+PEAK_WORDS = 1024  # 2 x 8 KiB of operands: L1-resident on any x86 core
+
+
+def peak_xor_popcount(a: torch.Tensor, b: torch.Tensor, reps: int, threads: int | None = None) -> int:
+    """Set bits of `reps` passes of XOR + popcount over the int64 words `a` and `b` (same length, a
+    multiple of 32) on each of `threads` threads (default: torch's), with the active variant's
+    popcount and nothing else: the binary ceiling that `recipes/benchmark_kernels.py` times.
+
+    Example:
+        >>> import torch
+        >>> from surge_nlp.kernels import ops
+        >>> a, b = torch.full((32,), -1, dtype=torch.int64), torch.zeros(32, dtype=torch.int64)
+        >>> ops.peak_xor_popcount(a, b, reps=3, threads=2) if ops.available() else 32 * 64 * 3 * 2
+        12288
+    """
+    if a.dtype != torch.int64 or b.dtype != torch.int64 or a.shape != b.shape or a.dim() != 1 or a.numel() % 32:
+        raise ValueError(f"peak_xor_popcount needs two int64 vectors of the same length, a multiple of 32; got "
+                         f"{a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
+    a, b = a.contiguous(), b.contiguous()
+    return int(_lib().surge_peak_xor_popcount(a.data_ptr(), b.data_ptr(), a.numel(), reps,
+                                              torch.get_num_threads() if threads is None else threads))

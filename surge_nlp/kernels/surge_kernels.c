@@ -30,7 +30,7 @@
  * from the source to declare the ctypes signatures and the variant list, and checks that a loaded
  * library returns the same table from surge_interface(). Change the table with the code. */
 #define SURGE_INTERFACE                                                   \
-    "abi 2\n"                                                             \
+    "abi 3\n"                                                             \
     "variants generic avx2 avx512_vpopcntdq\n"                            \
     "fn surge_interface s\n"                                              \
     "fn surge_variant_supported i i\n"                                    \
@@ -39,7 +39,8 @@
     "fn surge_forced_variant i\n"                                         \
     "fn surge_binary_matmul v i p p p 15*q f p p i\n"                     \
     "fn surge_pack_signs v p 8*q p 4*q f p q i\n"                         \
-    "fn surge_pack_probs v p 8*q p 4*q 3*f p q i\n"
+    "fn surge_pack_probs v p 8*q p 4*q 3*f p q i\n"                      \
+    "fn surge_peak_xor_popcount q p p q q i\n"
 
 enum { VARIANT_GENERIC = 0, VARIANT_AVX2 = 1, VARIANT_AVX512 = 2 };
 enum { MODE_XOR = 0, MODE_AND = 1 };
@@ -289,6 +290,80 @@ static int thread_count(int requested, int64_t work) {
     /* Below ~64k word products a thread team costs more than it saves. */
     if (requested < 1 || work < 65536) return 1;
     return requested;
+}
+
+/* ------------------------------------------------------------------ the binary peak */
+
+/* XOR + popcount over L1-resident words and nothing else (no epilogue, no packing, no cache misses):
+ * the ceiling a binary product can reach with the active variant's popcount. Four independent
+ * accumulators hide the popcount latency. Returns the set bits of `reps` passes over a ^ b. */
+static uint64_t peak_generic(const uint64_t *a, const uint64_t *b, int64_t words, int64_t reps) {
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t r = 0; r < reps; r++)
+        for (int64_t w = 0; w + 4 <= words; w += 4) {
+            s0 += (uint64_t)__builtin_popcountll(a[w] ^ b[w]);
+            s1 += (uint64_t)__builtin_popcountll(a[w + 1] ^ b[w + 1]);
+            s2 += (uint64_t)__builtin_popcountll(a[w + 2] ^ b[w + 2]);
+            s3 += (uint64_t)__builtin_popcountll(a[w + 3] ^ b[w + 3]);
+        }
+    return s0 + s1 + s2 + s3;
+}
+
+#ifdef SURGE_X86
+TARGET_AVX2 static uint64_t peak_avx2(const uint64_t *a, const uint64_t *b, int64_t words, int64_t reps) {
+    /* as the matmul's inner loop: nibble-lookup byte counts, widened with SAD every 31 steps */
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i total = zero;
+    for (int64_t r = 0; r < reps; r++) {
+        int64_t w = 0;
+        while (w + 16 <= words) {
+            int64_t stop = w + 31 * 16 < words ? w + 31 * 16 : words - 15;
+            __m256i c0 = zero, c1 = zero, c2 = zero, c3 = zero;
+            for (; w < stop; w += 16) {
+                c0 = _mm256_add_epi8(c0, popcount_bytes_avx2(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(a + w)), _mm256_loadu_si256((const __m256i *)(b + w)))));
+                c1 = _mm256_add_epi8(c1, popcount_bytes_avx2(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(a + w + 4)), _mm256_loadu_si256((const __m256i *)(b + w + 4)))));
+                c2 = _mm256_add_epi8(c2, popcount_bytes_avx2(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(a + w + 8)), _mm256_loadu_si256((const __m256i *)(b + w + 8)))));
+                c3 = _mm256_add_epi8(c3, popcount_bytes_avx2(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(a + w + 12)), _mm256_loadu_si256((const __m256i *)(b + w + 12)))));
+            }
+            total = _mm256_add_epi64(total, _mm256_add_epi64(_mm256_add_epi64(_mm256_sad_epu8(c0, zero), _mm256_sad_epu8(c1, zero)),
+                                                             _mm256_add_epi64(_mm256_sad_epu8(c2, zero), _mm256_sad_epu8(c3, zero))));
+        }
+    }
+    uint64_t lanes[4];
+    _mm256_storeu_si256((__m256i *)lanes, total);
+    return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}
+
+TARGET_AVX512 static uint64_t peak_avx512(const uint64_t *a, const uint64_t *b, int64_t words, int64_t reps) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t r = 0; r < reps; r++)
+        for (int64_t w = 0; w + 32 <= words; w += 32) {
+            s0 = _mm512_add_epi64(s0, _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(a + w), _mm512_loadu_si512(b + w))));
+            s1 = _mm512_add_epi64(s1, _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(a + w + 8), _mm512_loadu_si512(b + w + 8))));
+            s2 = _mm512_add_epi64(s2, _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(a + w + 16), _mm512_loadu_si512(b + w + 16))));
+            s3 = _mm512_add_epi64(s3, _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(a + w + 24), _mm512_loadu_si512(b + w + 24))));
+        }
+    return (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3)));
+}
+#endif
+
+/* `words` (a multiple of 32, L1-sized) words of a and b, `reps` passes on each of `threads` threads
+ * (each its own copy of the passes); returns the set bits counted over all threads. */
+SURGE_API int64_t surge_peak_xor_popcount(const uint64_t *a, const uint64_t *b, int64_t words, int64_t reps, int threads) {
+    int variant = surge_active_variant();
+    uint64_t total = 0;
+    int nt = threads < 1 ? 1 : threads;
+#pragma omp parallel for schedule(static) num_threads(nt) reduction(+ : total) if (nt > 1)
+    for (int t = 0; t < nt; t++) {
+#ifdef SURGE_X86
+        if (variant == VARIANT_AVX512) total += peak_avx512(a, b, words, reps);
+        else if (variant == VARIANT_AVX2) total += peak_avx2(a, b, words, reps);
+        else
+#endif
+            total += peak_generic(a, b, words, reps);
+    }
+    (void)variant;
+    return (int64_t)total;
 }
 
 /* ------------------------------------------------------------------ binary matmul */
