@@ -84,7 +84,8 @@ class SurgeConfig(QuantizationConfigMixin):
             `4 * mean|x|`. The student still starts from the (GELU) teacher's weights.
         weight_scale_gradient: backward of the per-row weight scale alpha = mean|W - mean_row(W)|
             (weights and 1-bit word embeddings): "through" differentiates it, "detached" treats it as a
-            constant (BiT, BiBERT). See `surge_nlp.binarizers`.
+            constant (BiT, BiBERT; the default: it measured better in both seeds of the STS-B
+            ablation, recipes/README.md "Ablations"). See `surge_nlp.binarizers`.
         checkpoint_format: what `save_pretrained`/`push_to_hub` write. "packed" (default): the
             deployable checkpoint, binarized weights 8 signs per byte plus their scales, no latent
             or auxiliary weights; it reloads for inference. "training": the latent weights, DPGC
@@ -102,7 +103,7 @@ class SurgeConfig(QuantizationConfigMixin):
     compensate_attention: bool = False
     aux_rank: int | None = None
     ffn_activation: str = "gelu"
-    weight_scale_gradient: str = "through"
+    weight_scale_gradient: str = "detached"
     modules_to_not_convert: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES_TO_NOT_CONVERT))
     checkpoint_format: str = "packed"
     quant_method: str = QUANT_METHOD

@@ -112,7 +112,7 @@ class SurgeLinear(OneBitLinearBits, nn.Linear):
         eta: float = 0.5,
         aux_rank: int | None = None,
         input_signed: bool = True,
-        weight_scale_gradient: str = "through",
+        weight_scale_gradient: str = "detached",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -209,7 +209,7 @@ class SurgeEmbedding(nn.Embedding):
     input_bits = 32  # token ids: a lookup, no activation quantizer
     engine = SIMULATED
 
-    def __init__(self, *args, weight_scale_gradient: str = "through", **kwargs) -> None:
+    def __init__(self, *args, weight_scale_gradient: str = "detached", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.weight_scale_gradient = weight_scale_gradient
 
