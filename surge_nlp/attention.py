@@ -112,17 +112,19 @@ def _exact_inference_attention(quantizers: AttentionQuantizers, query: torch.Ten
     kernels use (`dot * (alpha_a * alpha_b * scaling)`), so the simulated and deployed models
     binarize the same values (the same predictions, not merely close logits)."""
     dtype = query.dtype
-    alpha_q, alpha_k, alpha_v, alpha_p = (float(q.effective_scale()) for q in
-                                          (quantizers.query, quantizers.key, quantizers.value, quantizers.probs))
-    scores = torch.matmul(quantizers.query.unit_levels(query).float(), quantizers.key.unit_levels(key).float().transpose(2, 3))
-    scores = scores * (alpha_q * alpha_k * scaling)
+    # Each scale is read after its quantizer saw its operand: a first forward calibrates them (surge_nlp.calibrate).
+    levels_q, levels_k = quantizers.query.unit_levels(query).float(), quantizers.key.unit_levels(key).float()
+    alpha_q, alpha_k = float(quantizers.query.effective_scale()), float(quantizers.key.effective_scale())
+    scores = torch.matmul(levels_q, levels_k.transpose(2, 3)) * (alpha_q * alpha_k * scaling)
     if attention_mask is not None:
         scores = scores + attention_mask.float()
     probs = torch.softmax(scores, dim=-1)
     levels = quantizers.probs.unit_levels(probs)
     if attention_mask is not None:  # a learned negative shift must not lift masked keys
         levels = levels.masked_fill(_is_masked(attention_mask), 0.0)
-    output = torch.matmul(levels, quantizers.value.unit_levels(value).float()) * (alpha_p * alpha_v)
+    levels_v = quantizers.value.unit_levels(value).float()
+    alpha_p, alpha_v = float(quantizers.probs.effective_scale()), float(quantizers.value.effective_scale())
+    output = torch.matmul(levels, levels_v) * (alpha_p * alpha_v)
     return output.to(dtype).transpose(1, 2).contiguous(), (alpha_p * levels).to(dtype)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import surge_nlp
+from surge_nlp.binarizers import ActivationQuantizer
 from surge_nlp.deploy import BINARY_ATTENTION_IMPLEMENTATION, deploy
 from surge_nlp.kernels import ops
 from surge_nlp.layers import SurgeLinear
@@ -435,3 +436,24 @@ def test_the_peak_micro_kernel_counts_the_xor_bits_on_every_variant(variant):
     assert ops.peak_xor_popcount(a, b, reps=2, threads=2) == 2 * 2 * expected
     with pytest.raises(ValueError, match="multiple of 32"):
         ops.peak_xor_popcount(a[:40], b[:40], reps=1)
+
+
+def test_calibrating_through_the_exact_inference_path_gives_the_autograd_paths_scales():
+    # surge_nlp.calibrate runs without gradients, so the exact path calibrates: every scale must be
+    # the one the autograd path would set (a scale read before its quantizer saw its operand would
+    # scale the attention scores by an uncalibrated 1.0 and miscalibrate everything after it).
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_config(tiny_config("bert", hidden_size=96, num_attention_heads=3,
+                                                                      intermediate_size=130, hidden_dropout_prob=0.0,
+                                                                      attention_probs_dropout_prob=0.0))
+    batch = {"input_ids": torch.randint(3, 120, (3, 20)), "attention_mask": torch.ones(3, 20, dtype=torch.long)}
+    exact, autograd = (surge_nlp.binarize(copy.deepcopy(base), surge_nlp.SurgeConfig()).eval() for _ in range(2))
+    surge_nlp.calibrate(exact, batch)
+    autograd(**batch)  # eval mode with gradients: the autograd path calibrates
+    scales = lambda model: {name: m.alpha.item() for name, m in model.named_modules() if isinstance(m, ActivationQuantizer)}  # noqa: E731
+    exact_scales, autograd_scales = scales(exact), scales(autograd)
+    assert exact_scales.keys() == autograd_scales.keys() and len(exact_scales) > 10
+    for name in exact_scales:
+        assert exact_scales[name] == pytest.approx(autograd_scales[name], rel=1e-2), name  # float rounding only
