@@ -84,8 +84,8 @@ class SurgeConfig(QuantizationConfigMixin):
             `4 * mean|x|`. The student still starts from the (GELU) teacher's weights.
         weight_scale_gradient: backward of the per-row weight scale alpha = mean|W - mean_row(W)|
             (weights and 1-bit word embeddings): "through" differentiates it, "detached" treats it as a
-            constant (BiT, BiBERT; the default: it measured better in both seeds of the STS-B
-            ablation, recipes/README.md "Ablations"). See `surge_nlp.binarizers`.
+            constant (BiT, BiBERT; the default: it measured better in the STS-B ablation,
+            recipes/README.md "Ablations"). See `surge_nlp.binarizers`.
         checkpoint_format: what `save_pretrained`/`push_to_hub` write. "packed" (default): the
             deployable checkpoint, binarized weights 8 signs per byte plus their scales, no latent
             or auxiliary weights; it reloads for inference. "training": the latent weights, DPGC
