@@ -155,6 +155,15 @@ class ActivationQuantizer(nn.Module):
         return f"bits={self.bits}, {kind}, surrogate={self.surrogate!r}, shift_shape={tuple(self.beta.shape)}"
 
 
+def require_calibrated(quantizer: ActivationQuantizer, name: str) -> None:
+    """ValueError naming `name` unless the quantizer's scale was calibrated (what deployment needs)."""
+    if not bool(quantizer.initialized):
+        raise ValueError(
+            f"{name}: its activation quantizer is not calibrated yet; run at least one forward pass "
+            "(or train / load a trained checkpoint) before surge_nlp.deploy"
+        )
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
     """Initialise every uncalibrated activation quantizer of `model` from one forward of `inputs`

@@ -44,7 +44,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from .attention import AttentionQuantizers, surge_attention_forward
-from .binarizers import ActivationQuantizer
+from .binarizers import ActivationQuantizer, require_calibrated
 from .kernels import ops
 from .layers import SIMULATED, BinarizedLayer, SurgeEmbedding, SurgeLinear
 from .packed_layers import PackedSurgeEmbedding, PackedSurgeLinear
@@ -55,14 +55,6 @@ BINARY_ATTENTION_IMPLEMENTATION = "surge_binary"
 def _is_binary_input(quantizer: ActivationQuantizer | None) -> bool:
     """1-bit inputs, signed ({-alpha, alpha}: XOR kernel) or unsigned ({0, alpha}: AND kernel)."""
     return quantizer is not None and quantizer.bits == 1
-
-
-def _check_calibrated(name: str, quantizer: ActivationQuantizer) -> None:
-    if not bool(quantizer.initialized):
-        raise ValueError(
-            f"{name}: its activation quantizer is not calibrated yet; run at least one forward pass "
-            "(or train / load a trained checkpoint) before surge_nlp.deploy"
-        )
 
 
 def _attention_is_binary(quantizers: AttentionQuantizers) -> bool:
@@ -144,14 +136,14 @@ def deploy(model: nn.Module) -> nn.Module:
     replacements: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if isinstance(module, (SurgeLinear, PackedSurgeLinear)) and _is_binary_input(module.input_quantizer):
-            _check_calibrated(name, module.input_quantizer)
+            require_calibrated(module.input_quantizer, name)
             packed = PackedSurgeLinear.from_surge_linear(module) if isinstance(module, SurgeLinear) else module
             replacements[name] = packed.use_kernels()
         elif isinstance(module, SurgeEmbedding) and module.max_norm is None:
             replacements[name] = PackedSurgeEmbedding.from_surge_embedding(module)
         elif isinstance(module, AttentionQuantizers) and _attention_is_binary(module):
             for part in ("query", "key", "value", "probs"):
-                _check_calibrated(f"{name}.{part}", getattr(module, part))
+                require_calibrated(getattr(module, part), f"{name}.{part}")
     for name, replacement in replacements.items():
         model.set_submodule(name, replacement)
     if any(isinstance(m, AttentionQuantizers) and _attention_is_binary(m) for m in model.modules()):

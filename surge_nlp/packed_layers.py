@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .binarizers import weight_signs_and_scales
+from .binarizers import require_calibrated, weight_signs_and_scales
 from .kernels import ops
 from .layers import KERNEL_ENGINES, SIMULATED, OneBitLinearBits, SurgeEmbedding, SurgeLinear, _input_quantizer, exact_binary_linear, exact_inference
 from .packing import pack_signs, packed_length, unpack_binary_weight
@@ -105,9 +105,7 @@ class PackedSurgeLinear(OneBitLinearBits, nn.Linear):
         quantizer = self.input_quantizer
         if quantizer is None or quantizer.bits != 1:
             raise ValueError(f"the popcount kernels need 1-bit inputs; this layer has activation_bits={self.activation_bits}")
-        if not bool(quantizer.initialized):
-            raise ValueError("the layer's activation quantizer is not calibrated yet; run at least one forward pass "
-                             "(or train / load a trained checkpoint) before surge_nlp.deploy")
+        require_calibrated(quantizer, "the layer")
         if not ops.available():
             raise RuntimeError(f"surge_nlp binary kernels unavailable: {ops.unavailable_reason()}")
         self.register_buffer("kernel_weight", ops.bytes_to_words(self.weight, self.in_features), persistent=False)
