@@ -12,9 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-import yaml
 
 EXAMPLES = """examples:
   # the whole pipeline on RTE with the MiniLM teacher on two CPU cores, data from a local mirror
@@ -32,38 +30,12 @@ EXAMPLES = """examples:
 """
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    """`--set a.b=value` (value parsed as YAML) into a nested dict; `stages.N.` indexes the list."""
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r} is invalid; expected KEY=VALUE, e.g. distill.num_epochs=1")
-        node = overrides
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = _parse_value(raw)
-    return overrides
-
-
-def _parse_value(raw: str) -> Any:
-    """A `--set` value as YAML, except that `3e-5` is a number (YAML 1.1 wants `3.0e-5`)."""
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
-        try:
-            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
-        except ValueError:
-            return value
-    return value
-
-
 def _recipe(args: argparse.Namespace):
     from .glue import get_task
-    from .recipe import load_recipe, merge
+    from .recipe import load_recipe, merge, parse_overrides
 
     get_task(args.task)
-    overrides = _parse_set(args.set)
+    overrides = parse_overrides(args.set)
     stage_overrides = overrides.pop("stages", None)
     for key in ("dataset", "max_train_samples", "max_eval_samples", "model"):
         value = getattr(args, key, None)
@@ -118,6 +90,10 @@ def _print_table(result) -> None:
             print(f"{name:<22} {bits:<9} {split:<24} {shown}")
     for split, fraction in ((shipped or {}).get("agreement") or {}).items():
         print(f"packed and deployed predict identically on {100 * fraction:.2f}% of {split}")
+    speed = (shipped or {}).get("speed")
+    if speed:
+        print(f"deployed speed: {speed['speedup']:.2f}x the FP32 teacher ({1000 * speed['deployed_s_per_batch']:.0f} vs "
+              f"{1000 * speed['reference_s_per_batch']:.0f} ms per dev batch of {speed['batch_size']}, {speed['threads']} threads)")
 
 
 def cmd_glue(args: argparse.Namespace) -> None:
@@ -149,8 +125,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from .pipeline import (PipelineResult, _save_atomically, write_once, check_tokenizers, distill_stages, evaluate_shipped, load_teacher,
-                           resolve_model)
+    from .models import resolve_model
+    from .pipeline import PipelineResult, _save_atomically, check_tokenizers, distill_stages, load_teacher, write_once
+    from .shipped import evaluate_shipped
     from .serialization import set_checkpoint_format
     from transformers import AutoTokenizer
 
@@ -169,7 +146,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
                                      progress=not args.quiet)
     set_checkpoint_format(student, "packed")
     write_once(lambda: _save_atomically(student, output / "student", tokenizer))
-    shipped = evaluate_shipped(recipe, output / "student", tokenizer)
+    shipped = evaluate_shipped(recipe, output / "student", tokenizer, reference=teacher)
     if _is_main_process():
         _write_plots(output)
         _print_table(PipelineResult(recipe.task, teacher_info, stages, shipped=shipped))
@@ -180,7 +157,8 @@ def _load_for_task(path: str, task: str):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .glue import get_task
-    from .pipeline import check_labels, resolve_model
+    from .models import resolve_model
+    from .pipeline import check_labels
 
     get_task(task)
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model(path))
@@ -219,7 +197,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_summary(args: argparse.Namespace) -> None:
     from transformers import AutoModel
 
-    from .pipeline import resolve_model
+    from .models import resolve_model
     from .summary import summary
 
     summary(AutoModel.from_pretrained(resolve_model(args.model)), seq_len=args.seq_len)

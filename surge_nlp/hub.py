@@ -74,7 +74,8 @@ def model_card(model: nn.Module, metrics: dict[str, float] | None = None, task: 
                               datasets=[GLUE_DATASET] if eval_results else None, model_name=model_name,
                               eval_results=eval_results or None, pipeline_tag="text-classification")
     totals = summary(model, print_fn=None).totals
-    speed = (f"{speedup:.2f}x over FP32 (`surge_nlp.deploy`, measured)" if speedup is not None
+    speed = (f"{speedup:.2f}x the FP32 model's inference speed (`surge_nlp.deploy` on CPU, measured on GLUE dev batches)"
+             if speedup is not None
              else "not measured for this upload")
     lines = [f"# {architecture}, binarized with SURGE ({config.bits_label})", "", f"- Base model: {base_model}"]
     if eval_results:
@@ -119,14 +120,16 @@ def model_card(model: nn.Module, metrics: dict[str, float] | None = None, task: 
 def push_to_hub(model: nn.Module, repo_id: str, *, metrics: dict[str, float] | None = None, task: str | None = None,
                 base_model: str | None = None, commit_message: str | None = None, commit_description: str | None = None,
                 private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
-                create_pr: bool = False, max_shard_size: int | str | None = "50GB", tags: list[str] | None = None) -> Any:
+                create_pr: bool = False, max_shard_size: int | str | None = "50GB", tags: list[str] | None = None,
+                speedup: float | None = None) -> Any:
     """Upload `model.save_pretrained`'s files plus a SURGE model card to `repo_id` (one commit).
 
-    Same arguments as Transformers' `push_to_hub`, plus the model card's `metrics`, `task` and
-    `base_model`. Returns the Hub client's commit info.
+    Same arguments as Transformers' `push_to_hub`, plus the model card's `metrics`, `task`,
+    `base_model` and `speedup` (the deployed form's measured speed over FP32, e.g.
+    `surge_nlp.shipped.measure_speed(...)["speedup"]`). Returns the Hub client's commit info.
     """
     repo_id = transformers_hub.hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    card = model_card(model, metrics=metrics, task=task, base_model=base_model, repo_id=repo_id, tags=tags)
+    card = model_card(model, metrics=metrics, task=task, base_model=base_model, repo_id=repo_id, tags=tags, speedup=speedup)
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory, max_shard_size=max_shard_size)
         with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as handle:

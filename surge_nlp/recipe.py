@@ -175,6 +175,38 @@ def _per_task_settings(value: Any, path: Path) -> dict[str, dict[str, Any]]:
     return value
 
 
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (the CLI's `--set a.b=value`; value parsed as YAML) into the nested dict of
+    recipe overrides that `load_recipe` takes; `stages.N.` indexes the stage list.
+
+    Example:
+        >>> parse_overrides(["distill.learning_rate=3e-5", "stages.0.quantization.eta=1.0"])
+        {'distill': {'learning_rate': 3e-05}, 'stages': {'0': {'quantization': {'eta': 1.0}}}}
+    """
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} is invalid; expected KEY=VALUE, e.g. distill.num_epochs=1")
+        node = overrides
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _parse_value(raw)
+    return overrides
+
+
+def _parse_value(raw: str) -> Any:
+    """A `--set` value as YAML, except that `3e-5` is a number (YAML 1.1 wants `3.0e-5`)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            return value
+    return value
+
+
 def load_recipe(task_or_path: str, profiles: Sequence[str] = (), overrides: dict[str, Any] | None = None) -> Recipe:
     """defaults.yaml + the task's recipe (a task name or a .yaml path) + profiles, in order + overrides."""
     recipe_path = _find(task_or_path, "recipe")

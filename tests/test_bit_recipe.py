@@ -295,7 +295,7 @@ def test_keep_shifts_is_a_validated_stage_key(tmp_path):
 
 
 def _toy_run(tmp_path, series, keep_best=True, best_metric="score", eval_every=2, num_epochs=3, resume=False,
-             on_log=None, **kwargs):
+             on_log=None, progress=False, **kwargs):
     """Train a tiny student whose evaluations report `series` in order; returns the result and a
     snapshot of the weights taken at every evaluation."""
     from transformers import BertForSequenceClassification
@@ -314,7 +314,7 @@ def _toy_run(tmp_path, series, keep_best=True, best_metric="score", eval_every=2
 
     config = TrainingConfig(logits_weight=0, hidden_weight=0, ground_truth_weight=1, batch_size=4, num_epochs=num_epochs,
                             learning_rate=1e-2, eval_every=eval_every, keep_best=keep_best, log_every=1, **kwargs)
-    result = train(model, loader, config, output_dir=tmp_path / "run", progress=False, eval_loader=eval_loader,
+    result = train(model, loader, config, output_dir=tmp_path / "run", progress=progress, eval_loader=eval_loader,
                    metric_fn=metric_fn, best_metric=best_metric, resume=resume, on_log=on_log)
     return model, result, snapshots
 
@@ -330,6 +330,13 @@ def test_best_checkpoint_is_the_best_of_a_known_metric_series(tmp_path):
     assert not torch.equal(model.state_dict()["classifier.weight"], snapshots[-1]["classifier.weight"])
     # Only the best weights stay on disk.
     assert sorted(p.name for p in (tmp_path / "run" / "best").iterdir()) == ["step_8.safetensors"]
+
+
+def test_the_progress_bar_keeps_the_latest_dev_metric_beside_the_loss(tmp_path, capsys):
+    _toy_run(tmp_path, [0.30, 0.55, 0.52, 0.71, 0.60, 0.70], progress=True)
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    # Step 12 logs a loss after its evaluation: the dev metric must survive the loss update.
+    assert "12/12" in final and "loss=" in final and "dev score=0.7000" in final
 
 
 def test_keep_best_false_ends_with_the_last_weights(tmp_path):

@@ -263,9 +263,9 @@ def test_the_installed_console_script_runs_the_cli():
 
 
 def test_set_values_parse_as_yaml_with_exponent_numbers():
-    from surge_nlp.cli import _parse_set
+    from surge_nlp.recipe import parse_overrides
 
-    parsed = _parse_set(["distill.learning_rate=3e-5", "teacher.learning_rate=1.0e-4", "distill.eval_every=epoch",
+    parsed = parse_overrides(["distill.learning_rate=3e-5", "teacher.learning_rate=1.0e-4", "distill.eval_every=epoch",
                          "max_train_samples=null", "stages.0.quantization.binarize_attention=false", "model=nan"])
     assert parsed == {"distill": {"learning_rate": 3e-5, "eval_every": "epoch"}, "teacher": {"learning_rate": 1e-4},
                       "max_train_samples": None, "stages": {"0": {"quantization": {"binarize_attention": False}}},
@@ -331,6 +331,11 @@ def test_glue_push_to_hub_card_carries_the_measured_dev_results(tmp_path, tiny_b
     assert all(r.dataset_config == "rte" and r.dataset_split == "validation" for r in card.data.eval_results)
     assert card.data.base_model is None  # a local base model is not a Hub id
     assert "W-E-A bits: 1-32-1" in card.text and "MiB deployed" in card.text
+    speed = results["shipped"].get("speed")
+    if speed:  # the kernels built here: the card reports the speed the pipeline measured
+        assert f"Deployed speed: {speed['speedup']:.2f}x the FP32 model's" in card.text
+    else:
+        assert "Deployed speed: not measured" in card.text
 
 
 def test_glue_writes_plots_of_the_run(rte_run):
@@ -355,6 +360,9 @@ def test_glue_evaluates_what_it_ships(rte_run, capsys):
         both = json.loads(stdout)
         assert both["simulated"] == shipped["packed"] and both["deployed"] == shipped["deployed"]
         assert both["identical_predictions"] == {"validation": 1.0}
+        speed = shipped["speed"]  # the deployed form timed against the FP teacher on the same dev batches
+        assert speed["speedup"] == pytest.approx(speed["reference_s_per_batch"] / speed["deployed_s_per_batch"])
+        assert speed["deployed_s_per_batch"] > 0 and speed["batches"] >= 1
     else:
         assert shipped["deployed"] is None and shipped["deployed_unavailable"]
 

@@ -485,7 +485,7 @@ def test_the_expected_fresh_head_is_loaded_without_a_load_report(tmp_path, caplo
 
     from transformers import BertConfig, BertModel
 
-    from surge_nlp.pipeline import load_with_fresh_head
+    from surge_nlp.models import load_with_fresh_head
 
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                          vocab_size=100)).save_pretrained(tmp_path / "base")

@@ -230,13 +230,15 @@ def train(
         first = next(iter(train_loader))
         calibrate(student, {key: value.to(accelerator.device) for key, value in model_inputs(first).items()})
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and accelerator.is_local_main_process))
+    shown: dict[str, str] = {}  # the bar's postfix: the latest loss and the latest dev metric, side by side
 
     def evaluate_now() -> None:
         metrics = evaluate(student, eval_loader, metric_fn, accelerator)
         if selection_key not in metrics:
             raise ValueError(f"best_metric={selection_key!r} is not among the evaluation's metrics {sorted(metrics)}")
         log({"step": state.step, **{f"eval/{key}": value for key, value in metrics.items()}})
-        bar.set_postfix_str(f"dev {selection_key}={metrics[selection_key]:.4f}")
+        shown[f"dev {selection_key}"] = f"{metrics[selection_key]:.4f}"
+        bar.set_postfix(shown)
         best_value = None if state.best is None else state.best["value"]
         if config.keep_best and is_improvement(metrics[selection_key], best_value, selection_key):
             save_best(accelerator, student, output_dir, state.step)
@@ -284,7 +286,8 @@ def train(
                     record.update({name: float(value) for name, value in zip(names, means)})
                     record.update(lambda_statistics(student))
                     log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    shown["loss"] = f"{record['loss']:.4f}"
+                    bar.set_postfix(shown)
                 step_terms.clear()
                 # Before the checkpoint, so that a resumed run holds the same best-so-far.
                 if interval is not None and (state.step % interval == 0 or state.step == total_steps):
