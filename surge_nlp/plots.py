@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .atomic import atomic_write
+from .distill.records import LOG_FILE
 
-LOG_FILE = "log_history.jsonl"
 PLOTS = "plots"
 _LAYER_KEY = re.compile(r"^(lambda|alignment)/layer_(\d+)/mean$")
 

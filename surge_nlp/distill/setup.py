@@ -1,16 +1,19 @@
-"""Setting up a training run: its inputs, optimizer groups, teacher checks, accelerator and trackers."""
+"""Setting up a training run: its inputs and argument checks, optimizer groups, teacher checks, the
+accelerator and its trackers, and the activation scales' calibration."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from torch import nn
 
-from ..binarizers import ActivationQuantizer
+from ..binarizers import ActivationQuantizer, calibrate
+from .checkpoints import check_resumable
 from .config import TrainingConfig
 
 logger = logging.getLogger("surge_nlp.distill.trainer")
@@ -138,3 +141,42 @@ def asked_for_processes_but_runs_one() -> bool:
     the rendezvous address (MASTER_ADDR) for N processes but starts only this one (no WORLD_SIZE)."""
     env = os.environ
     return "MASTER_ADDR" in env and "WORLD_SIZE" not in env and env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+
+
+def make_accelerator(config: TrainingConfig, output_dir: Path, trackers: list[str]) -> Accelerator:
+    """The run's Accelerator (CPU unless an accelerator device exists), its trackers initialised."""
+    accelerator = Accelerator(
+        cpu=not has_accelerator_device(),
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # Epoch e is shuffled with seed + e on every process, so a resumed run sees the same order.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        log_with=trackers or None,
+        project_dir=str(output_dir) if trackers else None,
+    )
+    check_process_group(accelerator)
+    if trackers:
+        # Tracker hyperparameters must be plain scalars: None becomes "None".
+        hyperparameters = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                           for key, value in config.to_dict().items()}
+        accelerator.init_trackers(TRACKER_PROJECT, config=hyperparameters)
+    return accelerator
+
+
+def check_arguments(model: nn.Module, train_loader, config: TrainingConfig, teacher: nn.Module | None,
+                     eval_loader, output_dir: Path, resume: bool) -> None:
+    check_teacher(model, teacher, config)
+    if train_loader.batch_size is not None and train_loader.batch_size != config.batch_size:
+        raise ValueError(f"train_loader.batch_size={train_loader.batch_size} differs from "
+                         f"TrainingConfig.batch_size={config.batch_size}; build the loader with the config's batch size")
+    check_resumable(output_dir, config, resume)
+    if config.eval_every is not None and eval_loader is None:
+        raise ValueError(f"TrainingConfig.eval_every={config.eval_every!r} needs an eval_loader; pass eval_loader=... "
+                         "or set eval_every=None")
+
+
+def calibrate_on_first_batch(accelerator: Accelerator, student: nn.Module, train_loader) -> None:
+    """Explicit, on every process: the activation scales start from one batch, averaged over the processes."""
+    if any(isinstance(m, ActivationQuantizer) and not bool(m.initialized) for m in student.modules()):
+        first = next(iter(train_loader))
+        calibrate(student, {key: value.to(accelerator.device) for key, value in model_inputs(first).items()})

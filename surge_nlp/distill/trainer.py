@@ -45,28 +45,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_model
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from ..binarizers import ActivationQuantizer, calibrate
 from ..integration import set_training_progress
-from ..monitoring import lambda_statistics
-from .checkpoints import (CONFIG_FILE, TrainingState, best_weights_path, check_resumable, eval_interval, is_improvement,
-                          list_checkpoints, load_checkpoint, save_best, save_checkpoint)
+from .checkpoints import (CONFIG_FILE, TrainingState, best_weights_path, eval_interval, is_improvement, list_checkpoints,
+                          load_checkpoint, save_best, save_checkpoint)
 from .config import TrainingConfig
 from .evaluation import MetricFn, evaluate
 from .losses import compute_losses
 from .projections import ProjectionRecorder
-from .setup import (TRACKER_PROJECT, check_process_group, check_teacher, has_accelerator_device, model_inputs,
-                    parameter_groups, resolve_trackers)
+from .records import LOG_FILE, RunLog, step_record
+from .setup import calibrate_on_first_batch, check_arguments, make_accelerator, parameter_groups, resolve_trackers
 
 logger = logging.getLogger(__name__)
-
-LOG_FILE = "log_history.jsonl"
 
 
 @dataclass
@@ -98,26 +94,6 @@ class TrainResult:
 # Building blocks
 
 
-def make_accelerator(config: TrainingConfig, output_dir: Path, trackers: list[str]) -> Accelerator:
-    """The run's Accelerator (CPU unless an accelerator device exists), its trackers initialised."""
-    accelerator = Accelerator(
-        cpu=not has_accelerator_device(),
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        # Epoch e is shuffled with seed + e on every process, so a resumed run sees the same order.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-        log_with=trackers or None,
-        project_dir=str(output_dir) if trackers else None,
-    )
-    check_process_group(accelerator)
-    if trackers:
-        # Tracker hyperparameters must be plain scalars: None becomes "None".
-        hyperparameters = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
-                           for key, value in config.to_dict().items()}
-        accelerator.init_trackers(TRACKER_PROJECT, config=hyperparameters)
-    return accelerator
-
-
 def _start_or_resume(accelerator: Accelerator, output_dir: Path, config: TrainingConfig, scheduler, resume: bool) -> TrainingState:
     """The loop's state: from the newest checkpoint when resuming, else fresh; the config and the
     log file (restarted from the checkpoint's history: records after it are redone) written."""
@@ -131,6 +107,49 @@ def _start_or_resume(accelerator: Accelerator, output_dir: Path, config: Trainin
         (output_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
         (output_dir / LOG_FILE).write_text("".join(json.dumps(record) + "\n" for record in state.log_history))
     return state
+
+
+def _epoch_batches(accelerator: Accelerator, train_loader, state: TrainingState):
+    """The batches of the current epoch still to do: the order is a function of seed and epoch, so
+    a run resumed mid-epoch skips exactly the batches it had done."""
+    train_loader.set_epoch(state.epoch)
+    if state.batches_in_epoch:
+        return accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+    return train_loader
+
+
+def _evaluate_and_keep_best(accelerator: Accelerator, student: nn.Module, eval_loader, metric_fn: MetricFn | None,
+                            selection_key: str, config: TrainingConfig, output_dir: Path, state: TrainingState, log: RunLog) -> None:
+    """Evaluate on the dev loader, log it, and save the weights when they are the best so far."""
+    metrics = evaluate(student, eval_loader, metric_fn, accelerator)
+    if selection_key not in metrics:
+        raise ValueError(f"best_metric={selection_key!r} is not among the evaluation's metrics {sorted(metrics)}")
+    log({"step": state.step, **{f"eval/{key}": value for key, value in metrics.items()}})
+    log.show(f"dev {selection_key}", metrics[selection_key])
+    best_value = None if state.best is None else state.best["value"]
+    if config.keep_best and is_improvement(metrics[selection_key], best_value, selection_key):
+        save_best(accelerator, student, output_dir, state.step)
+        state.best = {"step": state.step, "value": metrics[selection_key], "metrics": metrics}
+
+
+def _final_metrics(accelerator: Accelerator, student: nn.Module, eval_loader, metric_fn: MetricFn | None,
+                   config: TrainingConfig, output_dir: Path, state: TrainingState, evaluated_while_training: bool,
+                   log: RunLog) -> tuple[dict[str, float], int | None]:
+    """The metrics the trained model ends with, and the step whose weights it holds (None: the last).
+    Without evaluation while training, one evaluation now; with it and `keep_best`, the best
+    evaluation's weights are loaded back."""
+    if eval_loader is None:
+        return {}, None
+    if not evaluated_while_training:
+        metrics = evaluate(student, eval_loader, metric_fn, accelerator)
+        log({"step": state.step, **{f"eval/{key}": value for key, value in metrics.items()}})
+        return metrics, None
+    evaluations = [record for record in state.log_history if any(key.startswith("eval/") for key in record)]
+    metrics = {key[len("eval/"):]: value for key, value in evaluations[-1].items() if key.startswith("eval/")}
+    if config.keep_best and state.best is not None:
+        load_model(student, str(best_weights_path(output_dir, state.best["step"])))
+        return dict(state.best["metrics"]), state.best["step"]
+    return metrics, None
 
 
 def train(
@@ -181,16 +200,10 @@ def train(
     """
     started = time.perf_counter()
     output_dir = Path(output_dir)
-    check_teacher(model, teacher, config)
-    if train_loader.batch_size is not None and train_loader.batch_size != config.batch_size:
-        raise ValueError(f"train_loader.batch_size={train_loader.batch_size} differs from "
-                         f"TrainingConfig.batch_size={config.batch_size}; build the loader with the config's batch size")
-    check_resumable(output_dir, config, resume)
-    if config.eval_every is not None and eval_loader is None:
-        raise ValueError(f"TrainingConfig.eval_every={config.eval_every!r} needs an eval_loader; pass eval_loader=... "
-                         "or set eval_every=None")
+    check_arguments(model, train_loader, config, teacher, eval_loader, output_dir, resume)
     selection_key = best_metric or "loss"
 
+    # Set-up: accelerator, optimizer (own groups for scales and shifts), data, schedule.
     trackers = resolve_trackers(report_to)
     accelerator = make_accelerator(config, output_dir, trackers)
     set_seed(config.seed)
@@ -204,7 +217,6 @@ def train(
     student = accelerator.unwrap_model(model)
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
-
     steps_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
     total_steps = steps_per_epoch * config.num_epochs
     if config.max_steps is not None:
@@ -214,35 +226,10 @@ def train(
     scheduler = get_linear_schedule_with_warmup(optimizer.optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
 
     state = _start_or_resume(accelerator, output_dir, config, scheduler, resume)
-
-    def log(record: dict[str, float]) -> None:
-        state.log_history.append(record)
-        if accelerator.is_main_process:
-            with open(output_dir / LOG_FILE, "a") as file:
-                file.write(json.dumps(record) + "\n")
-        if trackers:
-            accelerator.log({key: value for key, value in record.items() if key != "step"}, step=int(record["step"]))
-        if on_log is not None:
-            on_log(record)
-
-    # Explicit, on every process: the activation scales start from one batch, averaged over the processes.
-    if state.step < total_steps and any(isinstance(m, ActivationQuantizer) and not bool(m.initialized) for m in student.modules()):
-        first = next(iter(train_loader))
-        calibrate(student, {key: value.to(accelerator.device) for key, value in model_inputs(first).items()})
+    if state.step < total_steps:
+        calibrate_on_first_batch(accelerator, student, train_loader)
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and accelerator.is_local_main_process))
-    shown: dict[str, str] = {}  # the bar's postfix: the latest loss and the latest dev metric, side by side
-
-    def evaluate_now() -> None:
-        metrics = evaluate(student, eval_loader, metric_fn, accelerator)
-        if selection_key not in metrics:
-            raise ValueError(f"best_metric={selection_key!r} is not among the evaluation's metrics {sorted(metrics)}")
-        log({"step": state.step, **{f"eval/{key}": value for key, value in metrics.items()}})
-        shown[f"dev {selection_key}"] = f"{metrics[selection_key]:.4f}"
-        bar.set_postfix(shown)
-        best_value = None if state.best is None else state.best["value"]
-        if config.keep_best and is_improvement(metrics[selection_key], best_value, selection_key):
-            save_best(accelerator, student, output_dir, state.step)
-            state.best = {"step": state.step, "value": metrics[selection_key], "metrics": metrics}
+    log = RunLog(accelerator, output_dir, state, trackers, on_log, bar)
 
     model.train()
     step_terms: list[dict[str, torch.Tensor]] = []
@@ -252,11 +239,8 @@ def train(
             student_projections = recordings.enter_context(ProjectionRecorder(student))
             teacher_projections = recordings.enter_context(ProjectionRecorder(teacher))
         while state.step < total_steps:
-            train_loader.set_epoch(state.epoch)
-            batches = train_loader
-            if state.batches_in_epoch:  # resumed mid-epoch: same order (seed + epoch), done batches skipped
-                batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-            for batch in batches:
+            for batch in _epoch_batches(accelerator, train_loader, state):
+                # One micro-batch: forward, losses, backward; the optimizer steps once per accumulation.
                 set_training_progress(student, state.step / total_steps)  # drives EDE's t
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
@@ -273,44 +257,28 @@ def train(
                 if not accelerator.sync_gradients:
                     continue
 
-                # One optimizer step is done.
+                # One optimizer step is done: schedule, log, evaluate, checkpoint.
                 learning_rates = {f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups}
                 scheduler.step()
                 state.step += 1
                 bar.update(1)
                 if state.step % config.log_every == 0 or state.step == total_steps:
-                    names = list(step_terms[0])
-                    means = torch.stack([torch.stack([micro[name] for micro in step_terms]).mean() for name in names])
-                    means = accelerator.reduce(means, reduction="mean")  # over processes
-                    record = {"step": state.step, "epoch": state.step / steps_per_epoch, **learning_rates}
-                    record.update({name: float(value) for name, value in zip(names, means)})
-                    record.update(lambda_statistics(student))
+                    record = step_record(accelerator, student, state, step_terms, steps_per_epoch, learning_rates)
                     log(record)
-                    shown["loss"] = f"{record['loss']:.4f}"
-                    bar.set_postfix(shown)
+                    log.show("loss", record["loss"])
                 step_terms.clear()
                 # Before the checkpoint, so that a resumed run holds the same best-so-far.
                 if interval is not None and (state.step % interval == 0 or state.step == total_steps):
-                    evaluate_now()
+                    _evaluate_and_keep_best(accelerator, student, eval_loader, metric_fn, selection_key, config, output_dir, state, log)
                 if state.step % config.checkpoint_every == 0 or state.step == total_steps:
                     save_checkpoint(accelerator, output_dir, state, scheduler, config.keep_checkpoints)
                 if state.step >= total_steps:
                     break
     bar.close()
 
-    metrics: dict[str, float] = {}
-    best_step = None
-    if eval_loader is not None and interval is None:
-        metrics = evaluate(student, eval_loader, metric_fn, accelerator)
-        log({"step": state.step, **{f"eval/{key}": value for key, value in metrics.items()}})
-    elif eval_loader is not None:
-        evaluations = [record for record in state.log_history if any(key.startswith("eval/") for key in record)]
-        metrics = {key[len("eval/"):]: value for key, value in evaluations[-1].items() if key.startswith("eval/")}
-        if config.keep_best and state.best is not None:
-            load_model(student, str(best_weights_path(output_dir, state.best["step"])))
-            metrics, best_step = dict(state.best["metrics"]), state.best["step"]
+    metrics, best_step = _final_metrics(accelerator, student, eval_loader, metric_fn, config, output_dir, state,
+                                        interval is not None, log)
     if trackers:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return TrainResult(metrics, list(state.log_history), state.step, time.perf_counter() - started, best_step)
-
