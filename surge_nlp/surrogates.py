@@ -1,7 +1,6 @@
 """Backward surrogates of sign(): the gradient a binarizer pretends sign() has.
 
-Each surrogate is a tiny unit (Larq style) with a `precision` (the bits of its forward output) and
-a `derivative(u)` that is the documented formula, so it can be tested on its own. `sign(u)` runs
+Each surrogate is a tiny registered unit (Larq style) with a `derivative(u)` that is the documented formula, so it can be tested on its own. `sign(u)` runs
 the exact binary forward (+1 for u >= 0, -1 otherwise: 0 is not a 1-bit value) and routes the
 backward through `derivative`.
 
@@ -56,7 +55,6 @@ class Surrogate:
     A subclass with a `name` is registered under it (a second class with the same name raises)."""
 
     name: str = ""
-    precision: int = 1
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

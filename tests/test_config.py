@@ -32,12 +32,27 @@ def test_round_trip_through_config_json(tiny_bert, tmp_path):
     assert SurgeConfig.from_dict(reloaded if isinstance(reloaded, dict) else reloaded.to_dict()) == cfg
 
 
-def test_defaults():
-    cfg = SurgeConfig()
-    assert (cfg.weight_bits, cfg.activation_bits, cfg.embedding_bits) == (1, 1, 32)
-    assert cfg.estimator == "surge" and cfg.base_estimator == "clipped_ste" and cfg.binarize_attention
-    assert set(cfg.modules_to_not_convert) >= {"pooler", "classifier"}
-    assert cfg.bits_label == "1-32-1"
+def test_the_default_config_is_bit_w1a1_with_surge_and_a_full_precision_head_and_embeddings():
+    # What SurgeConfig() does to a model, not what its fields say: every encoder linear gets 1-bit
+    # weights and inputs with SURGE's compensator, attention is binarized, while the word
+    # embeddings, the pooler and the classifier stay full precision.
+    from torch import nn
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import surge_nlp
+    from surge_nlp.integration import surge_linears
+    from surge_nlp.layers import SurgeEmbedding
+
+    model = surge_nlp.binarize(BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)))
+    linears = surge_linears(model)
+    encoder = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".encoder." in f".{name}"]
+    assert sorted(linears) == sorted(encoder) and len(linears) == 12
+    assert all(m.weight_bits == 1 and m.input_bits == 1 and m.compensator.mode == "surge" for m in linears.values())
+    assert all(hasattr(model.get_submodule(f"bert.encoder.layer.{i}.attention.self"), "surge_attention") for i in range(2))
+    assert type(model.bert.pooler.dense) is nn.Linear and type(model.classifier) is nn.Linear
+    assert not isinstance(model.bert.embeddings.word_embeddings, SurgeEmbedding)
+    assert SurgeConfig().bits_label == "1-32-1"
 
 
 @pytest.mark.parametrize(
