@@ -53,7 +53,9 @@ class SurgeHfQuantizer(HfQuantizer):
             validate_checkpoint(model, checkpoint_files or [], self.quantization_config)
         else:
             # A full-precision checkpoint has no SURGE state; it is initialised after loading,
-            # so the load report should not list it as missing.
+            # so the load report should not list it as missing. Transformers 5 has no quantizer hook
+            # for missing keys (4.x's update_missing_keys is gone): this model attribute is what its
+            # loader reads (_adjust_missing_and_unexpected_keys), as models declare their own.
             model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | set(SURGE_STATE_PATTERNS)
 
     def _process_model_after_weight_loading(self, model: "PreTrainedModel", **kwargs) -> "PreTrainedModel":
