@@ -8,8 +8,12 @@ Every binary x binary product runs on the compiled kernels of `surge_nlp.kernels
 - with `binarize_attention` at 1 bit, attention runs as "surge_binary": Q.K^T on XOR/popcount,
   the softmax in float, the 1-bit probabilities packed and P.V on AND/popcount
   (`sum_j p_j v_j = 2 popcount(p & v_pos) - popcount(p)`), scales applied afterwards;
+- linears with 2- or 4-bit inputs run bit-serially ("bit-serial-popcount"): the input's LSQ levels
+  `-Qn..Qp` as codes `level + Qn` in b bit-planes, `dot = sum_p 2^p (2 popcount(x_p & w) - popcount(x_p))
+  - Qn (2 popcount(w) - K)`, exact, then scaled as the 1-bit products are;
 - 1-bit word embeddings are kept packed (`PackedSurgeEmbedding`), unpacked only for the looked-up rows.
-Inputs with 2/4/8-bit activations stay on the simulated path (see `surge_nlp.summary`).
+8-bit inputs and attention with 2/4/8-bit operands stay on the simulated path (`surge_nlp.summary`
+says which layer runs where).
 
 The kernels compile on first use (system C compiler, cached per user). Without a compiler, deploy
 returns the model on the simulated path with a one-line RuntimeWarning.
@@ -47,14 +51,15 @@ from .attention import AttentionQuantizers, surge_attention_forward
 from .binarizers import ActivationQuantizer, require_calibrated
 from .kernels import ops
 from .layers import SIMULATED, BinarizedLayer, SurgeEmbedding, SurgeLinear
-from .packed_layers import PackedSurgeEmbedding, PackedSurgeLinear
+from .packed_layers import KERNEL_INPUT_BITS, PackedSurgeEmbedding, PackedSurgeLinear
 
 BINARY_ATTENTION_IMPLEMENTATION = "surge_binary"
 
 
-def _is_binary_input(quantizer: ActivationQuantizer | None) -> bool:
-    """1-bit inputs, signed ({-alpha, alpha}: XOR kernel) or unsigned ({0, alpha}: AND kernel)."""
-    return quantizer is not None and quantizer.bits == 1
+def _runs_on_kernels(quantizer: ActivationQuantizer | None) -> bool:
+    """1-bit inputs, signed ({-alpha, alpha}: XOR kernel) or unsigned ({0, alpha}: AND kernel), and
+    2- or 4-bit inputs (bit-serial AND kernel)."""
+    return quantizer is not None and quantizer.bits in KERNEL_INPUT_BITS
 
 
 def _attention_is_binary(quantizers: AttentionQuantizers) -> bool:
@@ -83,21 +88,38 @@ def binary_attention_forward(
     batch, heads, q_len, head_dim = query.shape
     k_len = key.shape[2]
     q_quant, k_quant, v_quant, p_quant = quantizers.query, quantizers.key, quantizers.value, quantizers.probs
-    alpha_q, alpha_k, alpha_v, alpha_p = (float(q.effective_scale()) for q in (q_quant, k_quant, v_quant, p_quant))
+    alpha_q, alpha_k, alpha_v, alpha_p = getattr(quantizers, "kernel_scales", None) or _scales(quantizers)
     q_bits = ops.pack_signs(query, q_quant.beta.detach(), alpha_q)
     k_bits = ops.pack_signs(key, k_quant.beta.detach(), alpha_k)
-    scores = ops.binary_matmul(q_bits, k_bits, head_dim, ops.XOR, alpha_q * alpha_k * scaling)
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask.float()
+    mask = None if attention_mask is None else attention_mask.float()
+    # A mask whose rows are all alike (padding only) is the epilogue's per-sequence bias over the keys:
+    # dot * scale + mask, the same floats as `scores + mask`, without a second pass over the scores.
+    per_key = (mask is not None and mask.dim() == 4 and mask.stride(-1) == 1
+               and (mask.shape[-2] == 1 or torch.equal(mask, mask[..., :1, :].expand_as(mask))))
+    scores = ops.binary_matmul(q_bits, k_bits, head_dim, ops.XOR, alpha_q * alpha_k * scaling,
+                               bias=mask[..., :1, :] if per_key else None)
+    if mask is not None and not per_key:
         scores += mask
     probs = torch.softmax(scores, dim=-1)
-    p_bits = ops.pack_probs(probs, float(p_quant.beta.detach()), alpha_p, mask)
+    p_bits = ops.pack_levels(probs, p_quant.beta.detach(), alpha_p, 0, 1, mask)  # the unsigned 1-bit quantizer
     # V packed along the tokens: one row of bits per (head, channel).
     v_bits = ops.pack_signs(value.transpose(2, 3), v_quant.beta.detach().transpose(1, 2), alpha_v)
     output = torch.empty(batch, q_len, heads, head_dim)
     ops.binary_matmul(p_bits, v_bits, k_len, ops.AND, alpha_p * alpha_v, out=output.transpose(1, 2))
     return output, None
+
+
+def _scales(quantizers: AttentionQuantizers) -> tuple[float, float, float, float]:
+    return tuple(float(getattr(quantizers, part).effective_scale()) for part in ("query", "key", "value", "probs"))
+
+
+def _bind_scales(quantizers: AttentionQuantizers) -> None:
+    """At deploy: the four quantizers' scales as Python floats, read once (each forward would otherwise
+    convert four tensors); refreshed when a state dict is loaded."""
+    quantizers.kernel_scales = _scales(quantizers)
+    if not getattr(quantizers, "_scales_on_load", False):
+        quantizers._scales_on_load = True
+        quantizers.register_load_state_dict_post_hook(lambda module, _: _bind_scales(module))
 
 
 def register_binary_attention() -> None:
@@ -120,9 +142,10 @@ def runs_on_binary_kernels(model: nn.Module, module: nn.Module) -> bool:
 def deploy(model: nn.Module) -> nn.Module:
     """Switch a SURGE model (training or packed form) to the binary kernels, in place; returns it in eval mode.
 
-    Packs 1-bit-input `SurgeLinear`s (dropping the latent and auxiliary weights) and puts every
-    1-bit-input `PackedSurgeLinear` on its kernel engine; `SurgeEmbedding` becomes
-    `PackedSurgeEmbedding`, and 1-bit "surge" attention "surge_binary". Layers with 2/4/8-bit inputs stay simulated. When the kernels cannot be
+    Packs `SurgeLinear`s with 1-, 2- or 4-bit inputs (dropping the latent and auxiliary weights) and
+    puts every such `PackedSurgeLinear` on its kernel engine; `SurgeEmbedding` becomes
+    `PackedSurgeEmbedding`, and 1-bit "surge" attention "surge_binary". Layers with 8-bit inputs stay
+    simulated. When the kernels cannot be
     built (no C compiler, SURGE_NLP_DISABLE_KERNELS=1) the model is returned unchanged, in eval
     mode, with a one-line RuntimeWarning. Raises ValueError for an uncalibrated activation quantizer.
     Inference only: the deployed model cannot be trained further.
@@ -135,15 +158,18 @@ def deploy(model: nn.Module) -> nn.Module:
         return model
     replacements: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (SurgeLinear, PackedSurgeLinear)) and _is_binary_input(module.input_quantizer):
+        if isinstance(module, (SurgeLinear, PackedSurgeLinear)) and _runs_on_kernels(module.input_quantizer):
             require_calibrated(module.input_quantizer, name)
             packed = PackedSurgeLinear.from_surge_linear(module) if isinstance(module, SurgeLinear) else module
             replacements[name] = packed.use_kernels()
         elif isinstance(module, SurgeEmbedding) and module.max_norm is None:
-            replacements[name] = PackedSurgeEmbedding.from_surge_embedding(module)
+            replacements[name] = PackedSurgeEmbedding.from_surge_embedding(module).use_kernels()
+        elif isinstance(module, PackedSurgeEmbedding):
+            module.use_kernels()
         elif isinstance(module, AttentionQuantizers) and _attention_is_binary(module):
             for part in ("query", "key", "value", "probs"):
                 require_calibrated(getattr(module, part), f"{name}.{part}")
+            _bind_scales(module)
     for name, replacement in replacements.items():
         model.set_submodule(name, replacement)
     if any(isinstance(m, AttentionQuantizers) and _attention_is_binary(m) for m in model.modules()):

@@ -34,7 +34,7 @@ class BinarizedLayer(Protocol):
     """What every binarized layer tells `summary`: its bits, where it runs, and its 1-bit matrix."""
 
     weight_bits: int
-    engine: str  # "simulated", or the kernel it runs on: "xor-popcount" / "and-popcount"
+    engine: str  # "simulated", or the kernel it runs on: "xor-popcount", "and-popcount", "bit-serial-popcount"
 
     @property
     def input_bits(self) -> int: ...

@@ -20,6 +20,10 @@ from .layers import KERNEL_ENGINES, SIMULATED, OneBitLinearBits, SurgeEmbedding,
 from .packing import pack_signs, packed_length, unpack_binary_weight
 
 
+KERNEL_INPUT_BITS = (1, 2, 4)  # the kernels' inputs: 1 bit (XOR/AND), 2 and 4 bits (bit-serial)
+BIT_SERIAL_ENGINE = "bit-serial-popcount"
+
+
 class PackedSurgeLinear(OneBitLinearBits, nn.Linear):
     """The deployed form of `SurgeLinear`: 1-bit weights packed 8 per byte, no latent or auxiliary copy.
 
@@ -96,34 +100,44 @@ class PackedSurgeLinear(OneBitLinearBits, nn.Linear):
         A signed 1-bit input ({-alpha, alpha}) runs on XOR/popcount,
         `y = alpha_x * alpha_w[o] * (K - 2 popcount(x_bits ^ w_bits)) + bias[o]`; an unsigned one
         ({0, alpha}, BiT's post-ReLU FFN input) on AND/popcount,
-        `y = alpha_x * alpha_w[o] * (2 popcount(x_bits & w_bits) - popcount(x_bits)) + bias[o]`.
-        The state dict stays the packed checkpoint's (the kernels' word layout is a non-persistent
-        buffer), so `save_pretrained` of a deployed model writes a loadable checkpoint. Raises
-        ValueError unless the input is 1-bit and its quantizer calibrated, RuntimeError when the
-        kernels are unavailable.
+        `y = alpha_x * alpha_w[o] * (2 popcount(x_bits & w_bits) - popcount(x_bits)) + bias[o]`;
+        2- and 4-bit inputs on the bit-serial AND/popcount kernel: the levels `-Qn..Qp` as codes
+        `level + Qn` of b bit-planes, `dot = sum_p 2^p (2 popcount(x_p & w) - popcount(x_p)) - Qn (2 popcount(w) - K)`.
+        The integer dot product is exact, then scaled as the simulated path scales it, so both give
+        the same floats. The state dict stays the packed checkpoint's (the kernels' layout of the
+        weights and the quantizer's constants are copies outside it, refreshed when a state dict is
+        loaded), so `save_pretrained` of a deployed model writes a loadable checkpoint. Raises
+        ValueError for an input the kernels cannot run (32 or 8 bits) or an uncalibrated quantizer,
+        RuntimeError when the kernels are unavailable.
         """
         quantizer = self.input_quantizer
-        if quantizer is None or quantizer.bits != 1:
-            raise ValueError(f"the popcount kernels need 1-bit inputs; this layer has activation_bits={self.activation_bits}")
+        if quantizer is None or quantizer.bits not in KERNEL_INPUT_BITS:
+            raise ValueError("the popcount kernels need 1-, 2- or 4-bit inputs; this layer has "
+                             f"activation_bits={self.activation_bits}")
         require_calibrated(quantizer, "the layer")
         if not ops.available():
             raise RuntimeError(f"surge_nlp binary kernels unavailable: {ops.unavailable_reason()}")
-        self.register_buffer("kernel_weight", ops.bytes_to_words(self.weight, self.in_features), persistent=False)
-        self.engine = KERNEL_ENGINES[quantizer.signed]
+        self._snapshot_for_kernels()
+        if not getattr(self, "_snapshot_on_load", False):  # a state dict loaded later refreshes the copies
+            self._snapshot_on_load = True
+            self.register_load_state_dict_post_hook(lambda module, _: module._snapshot_for_kernels())
+        self.engine = KERNEL_ENGINES[quantizer.signed] if quantizer.bits == 1 else BIT_SERIAL_ENGINE
         return self
 
-    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def _snapshot_for_kernels(self) -> None:
+        """What every kernel forward reads, bound once (`ops.LinearKernel`): the weights in the kernels'
+        panel layout, the quantizer's alpha and shift, the row scales and bias as float32."""
         quantizer = self.input_quantizer
-        rows = x.reshape(-1, self.in_features).float()
-        scale = quantizer.effective_scale().float()
-        shift = quantizer.beta.detach().float().reshape(self.in_features).contiguous()
-        if quantizer.signed:
-            bits, mode = ops.pack_signs(rows, shift, float(scale)), ops.XOR
-        else:
-            bits, mode = ops.pack_unsigned(rows, shift, scale), ops.AND
-        bias = None if self.bias is None else self.bias.detach().float().contiguous()
-        out = ops.binary_matmul(bits, self.kernel_weight, self.in_features, mode, float(scale),
-                                self.weight_scale.float().contiguous(), bias)
+        self.kernel = ops.LinearKernel(
+            ops.weight_panels(ops.bytes_to_words(self.weight, self.in_features)), self.in_features,
+            float(quantizer.effective_scale()), quantizer.beta.detach().float().reshape(self.in_features).contiguous(),
+            quantizer.bits, quantizer.signed, quantizer.q_neg, quantizer.q_pos,
+            self.weight_scale.detach().float().contiguous(),
+            None if self.bias is None else self.bias.detach().float().contiguous())
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.kernel(x.reshape(-1, self.in_features).float())
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +172,8 @@ class PackedSurgeEmbedding(nn.Module):
 
     weight_bits = 1
     input_bits = 32
-    engine = SIMULATED  # a gather of packed rows; no matmul to put on the kernels
+    engine = SIMULATED  # a gather of packed rows, no product (use_kernels only makes the gather faster)
+    gather_kernel = False
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
@@ -179,7 +194,17 @@ class PackedSurgeEmbedding(nn.Module):
         packed.weight_scale = scales.detach().clone()
         return packed
 
+    def use_kernels(self) -> "PackedSurgeEmbedding":
+        """Gather the looked-up rows with the compiled kernels (`ops.gather_signs`: the same floats,
+        without the intermediate bool rows); returns the embedding."""
+        if not ops.available():
+            raise RuntimeError(f"surge_nlp binary kernels unavailable: {ops.unavailable_reason()}")
+        self.gather_kernel = True
+        return self
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.gather_kernel and self.weight_scale.dtype == torch.float32 and self.weight.is_contiguous():
+            return ops.gather_signs(self.weight, input_ids, self.weight_scale.contiguous(), self.embedding_dim)
         return unpack_binary_weight(self.weight[input_ids], self.weight_scale[input_ids], self.embedding_dim, self.weight_scale.dtype)
 
     def extra_repr(self) -> str:

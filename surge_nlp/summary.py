@@ -41,7 +41,7 @@ class LayerSummary:
     params_32bit: int
     memory_bytes: int
     macs_per_token: int
-    engine: str = "simulated"  # or the kernel surge_nlp.deploy runs it on: "xor-popcount" / "and-popcount"
+    engine: str = "simulated"  # or the kernel surge_nlp.deploy runs it on: "xor-popcount", "and-popcount", "bit-serial-popcount"
 
 
 @dataclass

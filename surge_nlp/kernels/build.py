@@ -37,7 +37,8 @@ import torch  # noqa: F401  (loaded first: its libgomp.so.1 is the OpenMP runtim
 from ..atomic import atomic_write
 
 SOURCE = Path(__file__).with_name("surge_kernels.c")
-FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fvisibility=hidden")
+# -ffp-contract=off: the epilogue must round `dot * scale * col_scale + bias` step by step, as torch does.
+FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden")
 OPENMP = "-fopenmp"  # dropped (single-threaded kernels) when the compiler has no OpenMP
 _CTYPES = {"i": ctypes.c_int, "q": ctypes.c_int64, "f": ctypes.c_float, "p": ctypes.c_void_p, "s": ctypes.c_char_p, "v": None}
 

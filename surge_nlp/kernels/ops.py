@@ -21,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .build import INTERFACE, KernelBuildError, load_library
@@ -110,14 +110,6 @@ def bytes_to_words(rows: torch.Tensor, columns: int) -> torch.Tensor:
     return torch.nn.functional.pad(rows, (0, padding)).contiguous().view(torch.int64)
 
 
-def pack_unsigned(rows: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Packed bits of the unsigned 1-bit quantizer `round(clip((x - beta) / alpha, 0, 1))` of each row,
-    computed with the simulated quantizer's own expression so that both paths take the same bits."""
-    bits = ((rows - shift) / scale > 0.5).contiguous().numpy()
-    as_bytes = torch.from_numpy(np.packbits(bits, axis=-1, bitorder="little"))
-    return bytes_to_words(as_bytes, rows.shape[-1])
-
-
 def words(k: int) -> int:
     """64-bit words per packed row of k elements."""
     return (k + 63) // 64
@@ -160,85 +152,221 @@ def pack_signs(x: torch.Tensor, beta: torch.Tensor, alpha: float) -> torch.Tenso
     return out
 
 
-def pack_probs(p: torch.Tensor, beta: float, alpha: float, mask: torch.Tensor | None = None,
-               mask_floor: float | None = None) -> torch.Tensor:
-    """Packed bits of the unsigned 1-bit quantizer `round(clip((p - beta) / alpha, 0, 1))` along p's
-    last dim, cleared where the additive `mask` (broadcast against p) is `<= mask_floor`."""
-    _check_float("p", p)
+def planes_for(q_neg: int, q_pos: int) -> int:
+    """Bit-planes of the codes 0..q_neg + q_pos of a quantizer with levels -q_neg..q_pos."""
+    return max(1, (q_neg + q_pos).bit_length())
+
+
+def pack_levels(x: torch.Tensor, beta: torch.Tensor, alpha: float, q_neg: int, q_pos: int,
+                mask: torch.Tensor | None = None, mask_floor: float | None = None) -> torch.Tensor:
+    """Bit-planes of the quantizer levels `round(clip((x - beta) / alpha, -q_neg, q_pos))` along x's
+    last dim (torch's rounding, half to even), stored as the codes `level + q_neg`: plane p holds
+    bit p. Where the additive `mask` (broadcast against x) is `<= mask_floor` the code is 0.
+
+    `beta` broadcasts against x. Returns int64 `(*x.shape[:-1], planes * words(k))`, the planes of a
+    row one after the other (`planes_for(q_neg, q_pos)` of them). The unsigned 1-bit quantizer (the
+    attention probabilities) is `q_neg=0, q_pos=1`: bit = `(x - beta) / alpha > 0.5`.
+    """
+    _check_float("x", x)
+    _check_float("beta", beta)
     lib = _lib()
-    k = p.shape[-1]
-    out = torch.empty(*p.shape[:-1], words(k), dtype=torch.int64)
-    shape = _shape_4d(p)
+    k, planes = x.shape[-1], planes_for(q_neg, q_pos)
+    if planes > 8 or q_neg < 0 or q_pos < 1:
+        raise ValueError(f"levels -{q_neg}..{q_pos} are invalid; allowed: up to 8 bits, q_neg >= 0, q_pos >= 1")
+    out = torch.empty(*x.shape[:-1], planes * words(k), dtype=torch.int64)
+    shape = _shape_4d(x)
     if mask is None:
         mask_ptr, mask_strides, floor = None, (0, 0, 0, 0), 0.0
     else:
         _check_float("mask", mask)
         mask_ptr, mask_strides = mask.data_ptr(), _strides_4d(mask, shape)
         floor = torch.finfo(torch.float32).min / 2 if mask_floor is None else mask_floor
-    lib.surge_pack_probs(p.data_ptr(), *shape, *_strides_4d(p, shape), mask_ptr, *mask_strides, float(floor),
-                         float(beta), float(alpha), out.data_ptr(), out.shape[-1], torch.get_num_threads())
+    lib.surge_pack_levels(x.data_ptr(), *shape, *_strides_4d(x, shape), beta.data_ptr(), *_strides_4d(beta, shape),
+                          mask_ptr, *mask_strides, float(floor), float(alpha), q_neg, q_pos, planes,
+                          out.data_ptr(), words(k), torch.get_num_threads())
     return out
 
 
-def binary_matmul(a: torch.Tensor, b: torch.Tensor, k: int, mode: int = XOR, scale: float = 1.0,
+@dataclass(frozen=True)
+class WeightPanels:
+    """B rows laid out once for the kernels (`weight_panels`): panels of 8 rows, word w of the 8 rows
+    side by side, so that each vector lane of the micro-kernels accumulates one output."""
+
+    data: torch.Tensor  # int64 (ceil(rows / 8), words, 8), rows past `rows` zero
+    rows: int
+
+    @property
+    def words(self) -> int:
+        return self.data.shape[1]
+
+
+def weight_panels(rows: torch.Tensor) -> WeightPanels:
+    """The panel layout of packed rows (int64 `(n, words)`), for a B operand used many times (weights)."""
+    if rows.dtype != torch.int64 or rows.dim() != 2 or rows.stride(-1) != 1:
+        raise ValueError(f"weight_panels needs int64 (n, words) rows with unit last stride, got {rows.dtype} {tuple(rows.shape)}")
+    n, n_words = rows.shape
+    data = torch.empty((n + 7) // 8, n_words, 8, dtype=torch.int64)
+    _lib().surge_weight_panels(rows.data_ptr(), n, n_words, rows.stride(0), data.data_ptr())
+    return WeightPanels(data, n)
+
+
+def binary_matmul(a: torch.Tensor, b: torch.Tensor | WeightPanels, k: int, mode: int = XOR, scale: float = 1.0,
                   col_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, planes: int = 1, offset: int = 0) -> torch.Tensor:
     """`dot(a[..., m, :], b[..., n, :]) * scale * col_scale[n] + bias[n]` on packed rows.
 
     XOR mode (both signed, k = true reduction length): dot = k - 2 popcount(a ^ b).
-    AND mode (a unsigned {0, 1}, b signed): dot = 2 popcount(a & b) - popcount(a).
-    a: `(*batch, m, words)`, b: `(*batch, n, words)` with up to two batch dims; `out` (float32,
-    unit last stride, any other strides) receives the result when given.
+    AND mode (a holds `planes` bit-planes of level codes `level + offset`, from `pack_levels`; b
+    signed): dot = sum_p 2^p (2 popcount(a_p & b) - popcount(a_p)) - offset (2 popcount(b) - k);
+    one plane with offset 0 is the unsigned {0, 1} input.
+    a: `(*batch, m, planes * words)`, b: `(*batch, n, words)` with up to two batch dims, or the
+    `WeightPanels` of a 2-D b; `out` (float32, unit last stride, any other strides) receives the
+    result when given. `bias` is `(n,)`, or one vector per batch entry: a float32 tensor that
+    broadcasts to `(*batch, 1, n)` with unit last stride (an additive attention mask over the keys).
     """
     lib = _lib()
-    if a.dtype != torch.int64 or b.dtype != torch.int64:
-        raise TypeError("packed operands must be int64 tensors (from pack_signs / pack_probs)")
-    if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-1] or a.dim() > 4 or a.dim() < 2:
-        raise ValueError(f"packed operands do not match: {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape[-1] != words(k):
-        raise ValueError(f"k={k} needs {words(k)} words per row, operands have {a.shape[-1]}")
-    m, n = a.shape[-2], b.shape[-2]
+    panels = isinstance(b, WeightPanels)
+    b_words = b.words if panels else b.shape[-1]
+    if planes not in (1, 2, 4) or (mode == XOR and (planes != 1 or offset)):
+        raise ValueError(f"planes={planes}, offset={offset} is invalid for mode {mode}; allowed: XOR with one plane, "
+                         "AND with 1, 2 or 4 planes")
+    if a.dtype != torch.int64 or (b.data if panels else b).dtype != torch.int64:
+        raise TypeError("packed operands must be int64 tensors (from pack_signs / pack_levels)")
+    if (not panels and a.shape[:-2] != b.shape[:-2]) or (panels and a.dim() != 2) or a.shape[-1] != planes * b_words \
+            or a.dim() > 4 or a.dim() < 2:
+        raise ValueError(f"packed operands do not match: {tuple(a.shape)} and "
+                         f"{('panels of ' + str(b.rows) + ' rows x ' + str(b_words) + ' words') if panels else tuple(b.shape)}"
+                         f" ({planes} planes)")
+    if b_words != words(k):
+        raise ValueError(f"k={k} needs {words(k)} words per row, operands have {b_words}")
+    m, n = a.shape[-2], (b.rows if panels else b.shape[-2])
     if out is None:
         out = torch.empty(*a.shape[:-2], m, n, dtype=torch.float32)
     elif out.shape != (*a.shape[:-2], m, n) or out.dtype != torch.float32 or out.stride(-1) != 1:
         raise ValueError(f"out must be float32 {(*a.shape[:-2], m, n)} with unit last stride")
-    for name, vector in (("col_scale", col_scale), ("bias", bias)):
-        if vector is not None:
-            _check_float(name, vector)
-            if vector.shape != (n,) or not vector.is_contiguous():
-                raise ValueError(f"{name} must be contiguous of shape ({n},)")
-    if a.stride(-1) != 1 or b.stride(-1) != 1:
+    if col_scale is not None:
+        _check_float("col_scale", col_scale)
+        if col_scale.shape != (n,) or not col_scale.is_contiguous():
+            raise ValueError(f"col_scale must be contiguous of shape ({n},)")
+    bias_strides = (0, 0)
+    if bias is not None:
+        _check_float("bias", bias)
+        rows_shape = _shape_4d(out)[:2] + (1, n)
+        if bias.stride(-1) != 1 or bias.shape[-1] != n or (bias.dim() > 1 and bias.shape[-2] != 1):
+            raise ValueError(f"bias must have shape ({n},) or broadcast to {(*a.shape[:-2], 1, n)} with unit last stride")
+        bias_strides = _strides_4d(bias, rows_shape)[:2]
+    if a.stride(-1) != 1 or (not panels and b.stride(-1) != 1):
         raise ValueError("packed operands need contiguous rows")
     shape = _shape_4d(a)
-    a_strides, b_strides = _strides_4d(a, shape), _strides_4d(b, _shape_4d(b))
+    a_strides = _strides_4d(a, shape)
+    b_strides = (0, 0, 0) if panels else _strides_4d(b, _shape_4d(b))[:3]
     o_strides = _strides_4d(out, _shape_4d(out))
     lib.surge_binary_matmul(
-        mode, a.data_ptr(), b.data_ptr(), out.data_ptr(), shape[0], shape[1], m, n, a.shape[-1], k,
-        *a_strides[:3], *b_strides[:3], *o_strides[:3], float(scale),
+        mode, planes, offset, a.data_ptr(), (b.data if panels else b).data_ptr(), int(panels), out.data_ptr(),
+        shape[0], shape[1], m, n, b_words, k, *a_strides[:3], *b_strides, *o_strides[:3], float(scale),
         col_scale.data_ptr() if col_scale is not None else None, bias.data_ptr() if bias is not None else None,
-        torch.get_num_threads(),
+        *bias_strides, torch.get_num_threads(),
     )
     return out
 
 
-PEAK_WORDS = 1024  # 2 x 8 KiB of operands: L1-resident on any x86 core
+def gather_signs(packed: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor, columns: int) -> torch.Tensor:
+    """Rows `ids` of a packed 1-bit matrix (uint8 `(rows, ceil(columns / 8))`, 8 signs per byte, least
+    significant bit first: the packed checkpoint's embedding) as floats `scales[id] * (+1 / -1)`,
+    shape `(*ids.shape, columns)`: what `surge_nlp.packing.unpack_binary_weight` gives for the
+    looked-up rows, without materialising them as bools first."""
+    _check_float("scales", scales)
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or not packed.is_contiguous():
+        raise ValueError(f"gather_signs needs a contiguous uint8 (rows, bytes) matrix, got {packed.dtype} {tuple(packed.shape)}")
+    if scales.shape != packed.shape[:1] or not scales.is_contiguous():
+        raise ValueError(f"scales must be contiguous of shape ({packed.shape[0]},)")
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(*ids.shape, columns, dtype=torch.float32)
+    bad = _lib().surge_gather_signs(packed.data_ptr(), packed.shape[0], packed.shape[1], columns, flat.data_ptr(),
+                                    flat.numel(), scales.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if bad >= 0:
+        raise IndexError(f"index {int(flat[bad])} is out of bounds for {packed.shape[0]} rows")
+    return out
+
+
+class LinearKernel:
+    """One linear layer on the kernels with its constants bound once (the deployed layer's forward
+    pays for two C calls and two allocations, not for argument checks): the input quantizer's
+    `alpha`, shift and levels, the weights' panels, per-row scales and bias.
+
+    1-bit signed inputs: XOR; other inputs (unsigned 1-bit, 2- and 4-bit levels): AND, bit-serial.
+    """
+
+    def __init__(self, panels: WeightPanels, in_features: int, alpha: float, shift: torch.Tensor, bits: int, signed: bool,
+                 q_neg: int, q_pos: int, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        for name, vector, size in (("shift", shift, in_features), ("weight_scale", weight_scale, panels.rows),
+                                   ("bias", bias, panels.rows)):
+            if vector is not None and (vector.dtype != torch.float32 or vector.shape != (size,) or not vector.is_contiguous()):
+                raise ValueError(f"{name} must be a contiguous float32 vector of {size}")
+        if panels.words != words(in_features):
+            raise ValueError(f"panels of {panels.words} words do not hold {in_features} inputs")
+        self.panels, self.k, self.n, self.alpha = panels, in_features, panels.rows, float(alpha)
+        self.shift, self.weight_scale, self.bias = shift, weight_scale, bias
+        self.xor = signed and bits == 1
+        self.q_neg, self.q_pos, self.planes = q_neg, q_pos, 1 if self.xor else planes_for(q_neg, q_pos)
+        if self.planes not in (1, 2, 4):
+            raise ValueError(f"the kernels take 1-, 2- or 4-bit inputs, not {bits}")
+
+    def pack(self, rows: torch.Tensor) -> torch.Tensor:
+        """The packed input of float32 rows `(m, in_features)` with unit last stride."""
+        m, n_words = rows.shape[0], self.panels.words
+        out = torch.empty(m, self.planes * n_words, dtype=torch.int64)
+        strides = (0, 0, rows.stride(0), 1)
+        if self.xor:
+            _lib().surge_pack_signs(rows.data_ptr(), 1, 1, m, self.k, *strides, self.shift.data_ptr(), 0, 0, 0, 1,
+                                       self.alpha, out.data_ptr(), n_words, torch.get_num_threads())
+        else:
+            _lib().surge_pack_levels(rows.data_ptr(), 1, 1, m, self.k, *strides, self.shift.data_ptr(), 0, 0, 0, 1,
+                                        None, 0, 0, 0, 0, 0.0, self.alpha, self.q_neg, self.q_pos, self.planes,
+                                        out.data_ptr(), n_words, torch.get_num_threads())
+        return out
+
+    def matmul(self, packed: torch.Tensor) -> torch.Tensor:
+        """`dot * alpha * weight_scale + bias` of packed rows (from `pack`), float32 `(m, out_features)`."""
+        m = packed.shape[0]
+        out = torch.empty(m, self.n, dtype=torch.float32)
+        _lib().surge_binary_matmul(
+            XOR if self.xor else AND, self.planes, 0 if self.xor else self.q_neg, packed.data_ptr(),
+            self.panels.data.data_ptr(), 1, out.data_ptr(), 1, 1, m, self.n, self.panels.words, self.k,
+            0, 0, packed.stride(0), 0, 0, 0, 0, 0, self.n, self.alpha, self.weight_scale.data_ptr(),
+            self.bias.data_ptr() if self.bias is not None else None, 0, 0, torch.get_num_threads())
+        return out
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        _check_float("rows", rows)
+        if rows.dim() != 2 or rows.shape[1] != self.k:
+            raise ValueError(f"rows must be (m, {self.k}), got {tuple(rows.shape)}")
+        if rows.stride(1) != 1:
+            rows = rows.contiguous()
+        return self.matmul(self.pack(rows))
+
+
+PEAK_WORDS = 1024  # 8 KiB of b (and 256 bytes of a): L1-resident on any x86 core
+PEAK_PRODUCTS_PER_WORD = 4  # each word of b meets four words of a, as in the matmul's micro-kernels
 
 
 def peak_xor_popcount(a: torch.Tensor, b: torch.Tensor, reps: int, threads: int | None = None) -> int:
-    """Set bits of `reps` passes of XOR + popcount over the int64 words `a` and `b` (same length, a
-    multiple of 32) on each of `threads` threads (default: torch's), with the active variant's
-    popcount and nothing else: the binary ceiling that `recipes/benchmark_kernels.py` times.
+    """`reps` passes of XOR + popcount + accumulate of each word of `b` against four words of `a`
+    held in registers (`sum_w sum_{r<4} popcount(a[8r + w % 8] ^ b[w])`), on each of `threads`
+    threads (default: torch's), with the active variant's popcount and nothing else: the binary
+    ceiling that `recipes/benchmark_kernels.py` times. `a` and `b`: int64 vectors of the same length,
+    a multiple of 32. Returns the set bits counted over all passes and threads.
 
     Example:
         >>> import torch
         >>> from surge_nlp.kernels import ops
         >>> a, b = torch.full((32,), -1, dtype=torch.int64), torch.zeros(32, dtype=torch.int64)
-        >>> ops.peak_xor_popcount(a, b, reps=3, threads=2) if ops.available() else 32 * 64 * 3 * 2
-        12288
+        >>> ops.peak_xor_popcount(a, b, reps=3, threads=2) if ops.available() else 32 * 4 * 64 * 3 * 2
+        49152
     """
     if a.dtype != torch.int64 or b.dtype != torch.int64 or a.shape != b.shape or a.dim() != 1 or a.numel() % 32:
         raise ValueError(f"peak_xor_popcount needs two int64 vectors of the same length, a multiple of 32; got "
                          f"{a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
     a, b = a.contiguous(), b.contiguous()
-    return int(_lib().surge_peak_xor_popcount(a.data_ptr(), b.data_ptr(), a.numel(), reps,
+    return int(_lib().surge_peak_xor_popcount(a.data_ptr(), b.data_ptr(), b.numel(), reps,
                                               torch.get_num_threads() if threads is None else threads))
