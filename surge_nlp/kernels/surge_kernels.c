@@ -67,10 +67,11 @@ enum { WITH_SCALE = 2, WITH_BIAS = 4 };
 #define MR 4      /* A rows (bit-planes) per micro-kernel: a 4-bit row, two 2-bit rows or four 1-bit rows */
 #define NP_MAX 4  /* panels per micro-kernel, at most (the AVX-512 one) */
 /* Cache blocking (overridable with -D for experiments): a task sweeps A_BLOCK_BYTES of A rows per
- * group of panels (8 KiB measured best for 2- and 4-bit rows at 1024 tokens, neutral for 1-bit),
- * over B_BLOCK_PANELS panels (128 B rows). */
+ * group of panels, over B_BLOCK_PANELS panels (128 B rows). Measured on Zen 5 (2 threads, 1024
+ * tokens): 8 KiB for 1-bit rows (4 KiB: 768x768 and 768x3072 10-25% slower); rows of several planes
+ * want fewer rows per block, 4 KiB (with 8 KiB or more, 2-bit rows at 768x3072 ran up to 2-3x slower). */
 #ifndef A_BLOCK_BYTES
-#define A_BLOCK_BYTES (8 * 1024)
+#define A_BLOCK_BYTES(planes) ((planes) == 1 ? 8 * 1024 : 4 * 1024)
 #endif
 #ifndef B_BLOCK_PANELS
 #define B_BLOCK_PANELS 16
@@ -608,7 +609,7 @@ SURGE_API void surge_binary_matmul(int mode, int planes, int offset, const uint6
     /* Tasks: blocks of A rows (L1-sized) x blocks of panels; threads split the dimension with more
      * blocks, each taking a contiguous run of tasks, so that a thread keeps one side in cache. */
     const int64_t per_block = MR / planes;
-    int64_t block_rows = A_BLOCK_BYTES / (planes * (words > 0 ? words : 1) * 8);
+    int64_t block_rows = A_BLOCK_BYTES(planes) / (planes * (words > 0 ? words : 1) * 8);
     block_rows = block_rows < per_block ? per_block : block_rows > 512 ? 512 : block_rows - block_rows % per_block;
     const int64_t m_blocks = (m + block_rows - 1) / block_rows, n_blocks = (n_panels + B_BLOCK_PANELS - 1) / B_BLOCK_PANELS;
     const int split_n = n_blocks > m_blocks;
