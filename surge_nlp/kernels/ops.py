@@ -131,6 +131,11 @@ def _strides_4d(t: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(stride if size == target else 0 for size, target, stride in zip(sizes, shape, strides))
 
 
+def _check_allocated(status: int) -> None:
+    if status != 0:
+        raise MemoryError("the binary matmul could not allocate its scratch buffers (the operands' layout)")
+
+
 def _check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype != torch.float32 or t.device.type != "cpu":
         raise TypeError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
@@ -261,12 +266,12 @@ def binary_matmul(a: torch.Tensor, b: torch.Tensor | WeightPanels, k: int, mode:
     a_strides = _strides_4d(a, shape)
     b_strides = (0, 0, 0) if panels else _strides_4d(b, _shape_4d(b))[:3]
     o_strides = _strides_4d(out, _shape_4d(out))
-    lib.surge_binary_matmul(
+    _check_allocated(lib.surge_binary_matmul(
         mode, planes, offset, a.data_ptr(), (b.data if panels else b).data_ptr(), int(panels), out.data_ptr(),
         shape[0], shape[1], m, n, b_words, k, *a_strides[:3], *b_strides, *o_strides[:3], float(scale),
         col_scale.data_ptr() if col_scale is not None else None, bias.data_ptr() if bias is not None else None,
         *bias_strides, torch.get_num_threads(),
-    )
+    ))
     return out
 
 
@@ -330,11 +335,11 @@ class LinearKernel:
         """`dot * alpha * weight_scale + bias` of packed rows (from `pack`), float32 `(m, out_features)`."""
         m = packed.shape[0]
         out = torch.empty(m, self.n, dtype=torch.float32)
-        _lib().surge_binary_matmul(
+        _check_allocated(_lib().surge_binary_matmul(
             XOR if self.xor else AND, self.planes, 0 if self.xor else self.q_neg, packed.data_ptr(),
             self.panels.data.data_ptr(), 1, out.data_ptr(), 1, 1, m, self.n, self.panels.words, self.k,
             0, 0, packed.stride(0), 0, 0, 0, 0, 0, self.n, self.alpha, self.weight_scale.data_ptr(),
-            self.bias.data_ptr() if self.bias is not None else None, 0, 0, torch.get_num_threads())
+            self.bias.data_ptr() if self.bias is not None else None, 0, 0, torch.get_num_threads()))
         return out
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:

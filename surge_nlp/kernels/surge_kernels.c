@@ -50,7 +50,7 @@
     "fn surge_set_variant i i\n"                                          \
     "fn surge_active_variant i\n"                                         \
     "fn surge_forced_variant i\n"                                         \
-    "fn surge_binary_matmul v 3*i p p i p 15*q f p p 2*q i\n"             \
+    "fn surge_binary_matmul i 3*i p p i p 15*q f p p 2*q i\n"             \
     "fn surge_weight_panels v p 3*q p\n"                                  \
     "fn surge_pack_signs v p 8*q p 4*q f p q i\n"                         \
     "fn surge_pack_levels v p 8*q p 4*q p 4*q 2*f 3*i p q i\n"            \
@@ -486,6 +486,9 @@ static run_fn current_run(void) {
     return run_generic;
 }
 
+/* Packing a word costs as much as ~256 word products (64 floats in, compared, gathered into bits). */
+#define PACK_WORD_WORK 256
+
 static int thread_count(int requested, int64_t work) {
     /* Below ~64k word products a thread team costs more than it saves. */
     if (requested < 1 || work < 65536) return 1;
@@ -589,8 +592,8 @@ SURGE_API void surge_weight_panels(const uint64_t *b, int64_t n, int64_t words, 
  * ldb unused); out: float strides in elements. col_scale and bias may be NULL; bias has batch
  * strides bias_s1, bias_s2 (0: one vector for all; an additive attention mask over the keys is one
  * per sequence). k_bits: the true reduction length. planes: 1, 2 or 4 (AND mode for more than one);
- * offset: see the header. */
-SURGE_API void surge_binary_matmul(int mode, int planes, int offset, const uint64_t *a, const uint64_t *b, int b_panels,
+ * offset: see the header. Returns 0, or -1 when the scratch buffers could not be allocated. */
+SURGE_API int surge_binary_matmul(int mode, int planes, int offset, const uint64_t *a, const uint64_t *b, int b_panels,
                                    float *out, int64_t g1, int64_t g2, int64_t m, int64_t n, int64_t words, int64_t k_bits,
                                    int64_t a_s1, int64_t a_s2, int64_t lda,
                                    int64_t b_s1, int64_t b_s2, int64_t ldb,
@@ -604,7 +607,7 @@ SURGE_API void surge_binary_matmul(int mode, int planes, int offset, const uint6
     int32_t *col_term = mode == MODE_AND && offset ? malloc((size_t)(groups * n_panels * PANEL) * sizeof(int32_t) + 1) : NULL;
     if ((!b_panels && !laid_out) || (mode == MODE_AND && !row_term) || (mode == MODE_AND && offset && !col_term)) {
         free(laid_out), free(row_term), free(col_term);
-        abort(); /* out of memory for a few buffers of the operands' size */
+        return -1; /* out of memory for the operands' layout: the caller raises MemoryError */
     }
     /* Tasks: blocks of A rows (L1-sized) x blocks of panels; threads split the dimension with more
      * blocks, each taking a contiguous run of tasks, so that a thread keeps one side in cache. */
@@ -666,6 +669,7 @@ SURGE_API void surge_binary_matmul(int mode, int planes, int offset, const uint6
     free(laid_out);
     free(row_term);
     free(col_term);
+    return 0;
 }
 
 /* ------------------------------------------------------------------ packed embedding rows */
@@ -850,7 +854,7 @@ SURGE_API void surge_pack_signs(const float *x, int64_t n0, int64_t n1, int64_t 
     /* rows adjacent in memory, reduction strided (V along the tokens): eight rows at a time */
     int across = vector && sk != 1 && s2 == 1 && bk == 0 && (b2 == 0 || b2 == 1);
     int64_t per_task = across ? 8 : 1, groups = (n2 + per_task - 1) / per_task, tasks = n0 * n1 * groups;
-    int nt = thread_count(threads, n0 * n1 * n2 * words * 16);
+    int nt = thread_count(threads, n0 * n1 * n2 * words * PACK_WORD_WORK);
     (void)across;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t t = 0; t < tasks; t++) {
@@ -896,7 +900,7 @@ SURGE_API void surge_pack_levels(const float *x, int64_t n0, int64_t n1, int64_t
                                  const float *mask, int64_t m0, int64_t m1, int64_t m2, int64_t mk, float mask_floor,
                                  float alpha, int q_neg, int q_pos, int planes, uint64_t *out, int64_t words, int threads) {
     int64_t rows = n0 * n1 * n2;
-    int nt = thread_count(threads, rows * words * planes * 16);
+    int nt = thread_count(threads, rows * words * planes * PACK_WORD_WORK);
     int vector = surge_active_variant() != VARIANT_GENERIC;
     const float lo = (float)-q_neg, hi = (float)q_pos;
     int unsigned_bits = q_neg == 0 && q_pos == 1 && alpha >= 0x1p-100f && alpha < 0x1p100f;
