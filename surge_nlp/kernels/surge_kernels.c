@@ -43,7 +43,7 @@
  * from the source to declare the ctypes signatures and the variant list, and checks that a loaded
  * library returns the same table from surge_interface(). Change the table with the code. */
 #define SURGE_INTERFACE                                                   \
-    "abi 5\n"                                                             \
+    "abi 6\n"                                                             \
     "variants generic avx2 avx512_vpopcntdq\n"                            \
     "fn surge_interface s\n"                                              \
     "fn surge_variant_supported i i\n"                                    \
