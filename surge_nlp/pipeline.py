@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -199,6 +200,8 @@ def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, 
     """Run the recipe's stages; stage 1's student starts from `teacher_dir`'s weights, each later
     one from the previous student, which is also its teacher. Completed stages are reloaded on resume."""
     data = load_data(recipe, tokenizer)
+    if recipe.augmentation.enabled:  # the teacher scores every copy; labels are never read
+        data = dataclasses.replace(data, train=recipe.augmentation.apply(data.train, tokenizer.all_special_ids))
     stages_info: list[dict[str, Any]] = []
     current_teacher, previous = teacher, None
     for stage in recipe.stages:
@@ -213,7 +216,7 @@ def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, 
             set_label_names(student, recipe.task)
             info = _train_stage(student, stage.training, data, tokenizer, stage_dir, current_teacher, resume, report_to, progress)
             info.update(name=stage.name, bits=stage.quantization.bits_label, estimator=stage.quantization.estimator,
-                        metrics=validation_metrics(recipe, student, data, tokenizer))
+                        train_examples=len(data.train), metrics=validation_metrics(recipe, student, data, tokenizer))
             set_checkpoint_format(student, "training")
             _save_with_json(student, final, "stage.json", info)
         stages_info.append(info)
@@ -251,7 +254,8 @@ def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = 
     shipped = evaluate_shipped(recipe, output_dir / "student", tokenizer, reference=teacher)
     result = PipelineResult(recipe.task, teacher_info, stages, str(output_dir / "student"), report.totals, shipped)
     write_once(lambda: write_json_atomically(output_dir / "results.json", {
-        "task": recipe.task, "recipe": recipe.sources, "teacher": teacher_info, "stages": stages,
+        "task": recipe.task, "recipe": recipe.sources, "augmentation": recipe.augmentation.to_dict(),
+        "teacher": teacher_info, "stages": stages,
         "student_dir": result.student_dir, "summary": report.totals, "shipped": shipped}))
     if push_to_hub:
         from .hub import push_to_hub as push

@@ -33,10 +33,11 @@ import yaml
 from .config import SurgeConfig
 from .distill import TrainingConfig
 from .glue import get_task
+from .glue.augment import Augmentation
 
 PROFILE_TASKS_KEY = "tasks"
 RECIPE_KEYS = ("task", "model", "dataset", "max_seq_length", "max_train_samples", "max_eval_samples",
-               "teacher", "distill", "stages")
+               "augmentation", "teacher", "distill", "stages")
 STAGE_KEYS = ("name", "quantization", "training", "keep_shifts")
 
 
@@ -100,6 +101,9 @@ class Recipe:
     max_seq_length: int | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # Noisy copies of the training set for the distillation stages (the teacher's fine-tuning never
+    # sees them): `augmentation: {copies: K, replace_prob: p, seed: s}`; see surge_nlp.glue.augment.
+    augmentation: Augmentation = field(default_factory=Augmentation)
     sources: list[str] = field(default_factory=list)
 
     @classmethod
@@ -138,10 +142,19 @@ class Recipe:
         names = [stage.name for stage in stages]
         if len(set(names)) != len(names):
             raise RecipeError(f"{where}: stage names must be unique, got {names}")
+        try:
+            augmentation = Augmentation.from_dict(data.get("augmentation"))
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"{where}: {err}") from None
+        labelled = [stage.name for stage in stages if stage.training.ground_truth_weight > 0]
+        if augmentation.enabled and labelled:
+            raise RecipeError(f"{where}: augmentation.copies={augmentation.copies} with ground_truth_weight > 0 in stage(s) "
+                              f"{labelled}: a perturbed copy keeps its original's label, which no longer describes it; "
+                              "augment only stages distilled from the teacher (ground_truth_weight: 0)")
         return cls(task=data["task"], model=data["model"], teacher=teacher, stages=stages,
                    dataset=data.get("dataset"), max_seq_length=data.get("max_seq_length"),
                    max_train_samples=data.get("max_train_samples"), max_eval_samples=data.get("max_eval_samples"),
-                   sources=list(sources or []))
+                   augmentation=augmentation, sources=list(sources or []))
 
 
 def _find(name: str, kind: str) -> Path:

@@ -60,6 +60,20 @@ def glue_mirror() -> Path:
     return GLUE_MIRROR
 
 
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, minilm_path) -> Path:
+    """A tiny random BERT with the MiniLM's real tokenizer (so real GLUE text tokenizes as usual)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-base")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def fixed_batch(batch_size: int = 8, seq_len: int = 12, vocab: int = 120, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)

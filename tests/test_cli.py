@@ -18,20 +18,6 @@ from .conftest import REPO
 STAGE = {"name": "w1a1", "quantization": {"activation_bits": 1, "estimator": "surge", "binarize_attention": True}}
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, minilm_path) -> Path:
-    """A tiny random BERT with the MiniLM's real tokenizer (so real GLUE text tokenizes as usual)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny-base")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def write_recipe(path: Path, task: str, model: Path, stages=(STAGE,), **extra) -> Path:
     recipe = {"task": task, "model": str(model), "max_train_samples": 32, "max_eval_samples": 24,
               "teacher": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8, "ground_truth_weight": 1.0,

@@ -1,0 +1,112 @@
+"""Data augmentation for distillation (surge_nlp.glue.augment) and its place in recipes and the pipeline."""
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import yaml
+
+from surge_nlp.glue.augment import Augmentation
+from surge_nlp.recipe import RecipeError, load_recipe
+
+SPECIAL = [0, 101, 102]  # padding, [CLS], [SEP]
+
+
+def pairs(count: int = 200, seed: int = 0) -> datasets.Dataset:
+    rng = np.random.default_rng(seed)
+    rows = {"input_ids": [], "token_type_ids": [], "attention_mask": [], "labels": []}
+    for _ in range(count):
+        a, b = rng.integers(1000, 1050, rng.integers(3, 9)), rng.integers(1000, 1050, rng.integers(3, 9))
+        ids = [101, *a, 102, *b, 102]
+        rows["input_ids"].append(ids)
+        rows["token_type_ids"].append([0] * (len(a) + 2) + [1] * (len(b) + 1))
+        rows["attention_mask"].append([1] * len(ids))
+        rows["labels"].append(float(rng.random()))
+    return datasets.Dataset.from_dict(rows)
+
+
+def test_copies_follow_the_originals_with_only_ordinary_tokens_replaced():
+    train = pairs()
+    augmented = Augmentation(copies=3, replace_prob=0.3, seed=1).apply(train, SPECIAL)
+    assert len(augmented) == 4 * len(train) and augmented.column_names == train.column_names
+    assert augmented.features == train.features
+    assert augmented[: len(train)] == train[:]  # the originals first, untouched
+    original_ids = train["input_ids"]
+    vocabulary = {t for ids in original_ids for t in ids} - set(SPECIAL)
+    replaced = ordinary = 0
+    for copy in range(1, 4):
+        for i, row in enumerate(augmented.select(range(copy * len(train), (copy + 1) * len(train)))):
+            source = original_ids[i]
+            assert len(row["input_ids"]) == len(source)
+            assert row["token_type_ids"] == train[i]["token_type_ids"] and row["labels"] == train[i]["labels"]
+            for new, old in zip(row["input_ids"], source):
+                if old in SPECIAL:
+                    assert new == old  # [CLS], [SEP] stay where they are
+                else:
+                    assert new in vocabulary  # drawn from the training set's own tokens
+                    ordinary += 1
+                    replaced += new != old
+    # A replacement may draw the same token (1 in 50 here): the changed share is p * (1 - ~0.02).
+    assert 0.25 < replaced / ordinary < 0.32
+
+
+def test_replacements_follow_the_training_token_frequencies():
+    # Token 7 is 9 times as frequent as token 8 among ordinary tokens: replacements keep that ratio.
+    train = datasets.Dataset.from_dict({"input_ids": [[101] + [7] * 9 + [8] + [102]] * 400})
+    augmented = Augmentation(copies=1, replace_prob=1.0, seed=3).apply(train, SPECIAL)
+    drawn = np.array([ids[1:-1] for ids in augmented.select(range(400, 800))["input_ids"]]).ravel()
+    assert set(drawn) == {7, 8} and abs((drawn == 8).mean() - 0.1) < 0.01
+
+
+def test_augmentation_is_a_function_of_its_seed_and_off_by_default():
+    train = pairs(50)
+    a = Augmentation(copies=2, seed=5).apply(train, SPECIAL)["input_ids"]
+    assert a == Augmentation(copies=2, seed=5).apply(train, SPECIAL)["input_ids"]
+    assert a != Augmentation(copies=2, seed=6).apply(train, SPECIAL)["input_ids"]
+    assert Augmentation().apply(train, SPECIAL) is train and not Augmentation().enabled
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"copies": -1}, r"augmentation.copies=-1 is invalid; allowed values: an integer >= 0"),
+    ({"copies": 1.5}, r"augmentation.copies=1.5 is invalid"),
+    ({"replace_prob": 0}, r"augmentation.replace_prob=0 is invalid; allowed values: a number in \(0, 1\]"),
+    ({"replace_prob": 1.5}, r"augmentation.replace_prob=1.5 is invalid"),
+    ({"seed": "x"}, r"augmentation.seed='x' is invalid; allowed values: an integer"),
+    ({"copis": 2}, r"augmentation has no setting\(s\) \['copis'\]"),
+    ([2], r"augmentation must be a mapping"),
+])
+def test_invalid_settings_name_the_field(data, message):
+    with pytest.raises(ValueError, match=message):
+        Augmentation.from_dict(data)
+
+
+def test_recipes_take_augmentation_and_refuse_it_with_label_losses():
+    recipe = load_recipe("stsb", profiles=["cpu-full"], overrides={"augmentation": {"copies": 7, "replace_prob": 0.1}})
+    assert recipe.augmentation == Augmentation(copies=7, replace_prob=0.1)
+    assert load_recipe("stsb", profiles=["cpu-full"]).augmentation == Augmentation()
+    with pytest.raises(RecipeError, match="augmentation.replace_prob=2 is invalid"):
+        load_recipe("stsb", profiles=["cpu-full"], overrides={"augmentation": {"copies": 1, "replace_prob": 2}})
+    with pytest.raises(RecipeError, match=r"ground_truth_weight > 0 in stage\(s\) \['w1e1a1'\]"):
+        load_recipe("stsb", profiles=["cpu-full"], overrides={"augmentation": {"copies": 1},
+                                                              "distill": {"ground_truth_weight": 0.5}})
+
+
+def test_the_pipeline_distils_on_the_augmented_set(tmp_path, tiny_base, glue_mirror, monkeypatch, capsys):
+    from surge_nlp.cli import main
+
+    monkeypatch.setenv("SURGE_NLP_GLUE_DATASET", str(glue_mirror))
+    recipe = {"task": "rte", "model": str(tiny_base), "max_train_samples": 16, "max_eval_samples": 8,
+              "augmentation": {"copies": 2, "replace_prob": 0.2},
+              "teacher": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8, "ground_truth_weight": 1.0,
+                          "logits_weight": 0.0, "hidden_weight": 0.0},
+              "distill": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8},
+              "stages": [{"name": "w1a1", "quantization": {"estimator": "clipped_ste"}}]}
+    (tmp_path / "rte.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["-q", "glue", "rte", "--recipe", str(tmp_path / "rte.yaml"), "--output", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    teacher_log = (tmp_path / "out" / "teacher_training" / "log_history.jsonl").read_text().splitlines()
+    assert results["augmentation"] == {"copies": 2, "replace_prob": 0.2, "seed": 0}
+    stage = results["stages"][0]
+    assert stage["train_examples"] == 48 and stage["steps"] == 6  # 16 originals + 2 copies, batch 8
+    assert json.loads(teacher_log[-1])["step"] == 2  # the teacher fine-tunes on the 16 originals only
