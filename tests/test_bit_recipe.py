@@ -482,11 +482,26 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
         assert r.max_seq_length == 64 and all(s.quantization.embedding_bits == 32 and s.training.num_epochs == 1 for s in r.stages)
     assert all(ladder_module.row_tasks(ladder, name) == ["stsb", "mrpc"] for name in ablations)
     # the ablation table pairs each ablation with the row it switches one ingredient off in
+    probes = ("probe_fp_attention", "probe_a2", "probe_attention_loss", "probe_logits_only", "probe_lr1e3")
     assert {a["row"]: a["against"] for a in ladder["ablations"]} == {
         "ablation_gelu_ffn": "ablation_all_on", "ablation_scale_through": "ablation_all_on",
         "ablation_shift_at_scale_lr": "ablation_all_on", "ablation_all_off": "ablation_all_on",
-        "ablation_multistep_reset_shifts": "ablation_multistep"}
-    assert ladder_module.ablation_rows(ladder) == set(ablations)
+        "ablation_multistep_reset_shifts": "ablation_multistep", **{probe: "ablation_all_on" for probe in probes}}
+    assert ladder_module.ablation_rows(ladder) == set(ablations) | set(probes)
+    # each STS-B probe changes exactly one setting of the all-on protocol
+    on_stsb = ladder_module.row_recipe(ladder, "ablation_all_on", "stsb").stages[0]
+    changed = {}
+    for probe in probes:
+        stage = ladder_module.row_recipe(ladder, probe, "stsb").stages[0]
+        assert ladder_module.row_tasks(ladder, probe) == ["stsb"]
+        changed[probe] = {f"quantization.{k}" for k, v in stage.quantization.to_dict().items() if v != on_stsb.quantization.to_dict()[k]} | \
+                         {f"training.{k}" for k, v in stage.training.to_dict().items() if v != on_stsb.training.to_dict()[k]}
+    assert changed == {"probe_fp_attention": {"quantization.binarize_attention"}, "probe_a2": {"quantization.activation_bits"},
+                       "probe_attention_loss": {"training.attention_weight"}, "probe_logits_only": {"training.hidden_weight"},
+                       "probe_lr1e3": {"training.learning_rate"}}
+    augmented = ladder_module.row_recipe(ladder, "w1a1_augmented", "stsb")
+    assert augmented.augmentation.copies == 7 and augmented.stages[0].training.num_epochs == 1
+    assert augmented.stages[0].quantization == ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0].quantization
     assert ladder_module.row_recipe(ladder, "w1a1", "stsb").max_seq_length is None  # the task's own length (128)
     w1a1 = ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0]
     assert w1a1.training.shift_lr == w1a1.training.learning_rate and w1a1.quantization.embedding_bits == 1
