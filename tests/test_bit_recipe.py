@@ -551,6 +551,16 @@ def test_ladder_runs_resumably_and_tabulates(ladder_module, tmp_path, minilm_pat
     first = json.loads((tmp_path / "runs" / "w1a1" / "rte" / "results.json").read_text())
     ladder_module.main(["run", *argv, "--row", "w1a1"])  # finished: not redone
     assert json.loads((tmp_path / "runs" / "w1a1" / "rte" / "results.json").read_text()) == first
+    # diagnose_fit on the finished run: its inference-mode dev accuracy is the run's own.
+    import diagnose_fit
+
+    fit = diagnose_fit.main(["--run", str(tmp_path / "runs" / "w1a1" / "rte"), "--teacher", str(tmp_path / "teachers" / "rte" / "teacher"),
+                             "--row", "w1a1", "--task", "rte", "--ladder", str(ladder)])
+    assert fit["dev/eval"]["accuracy"] == pytest.approx(first["stages"][-1]["metrics"]["validation"]["accuracy"])
+    assert set(fit) == {f"{split}/{mode}" for split in ("train", "dev") for mode in diagnose_fit.MODES}
+    # the training forward without dropout binarizes the same values up to float near-ties (16 examples)
+    assert abs(fit["dev/eval"]["accuracy"] - fit["dev/eval+grad"]["accuracy"]) <= 1 / 16
+    assert all(0 <= values["agreement_teacher"] <= 1 and 0 < values["majority_share"] <= 1 for values in fit.values())
     table_json = tmp_path / "table.json"
     ladder_module.main(["table", *argv, "--json", str(table_json)])
     table = json.loads(table_json.read_text())
