@@ -8,6 +8,8 @@ interrupted run continues from its last trainer checkpoint; a finished one is ne
     # teachers first (once per task), then rows; one job at a time on two cores
     SURGE_NLP_GLUE_DATASET=../shared/data/glue python recipes/benchmark_ladder.py run \\
         --output runs/ladder --teachers runs/cpu-full [--row w1a1 ...] [--task stsb ...]
+    # the majority-class floor of each task (also written by `run`), beside the teachers
+    SURGE_NLP_GLUE_DATASET=../shared/data/glue python recipes/benchmark_ladder.py baseline --teachers runs/cpu-full
     # the table (markdown on stdout) and recipes/results/glue_cpu_full.json
     python recipes/benchmark_ladder.py table --output runs/ladder --teachers runs/cpu-full \\
         --json recipes/results/glue_cpu_full.json
@@ -26,9 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import yaml
 
-from surge_nlp.glue import get_task
+from surge_nlp.glue import get_task, majority_class_metrics, resolve_dataset
 from surge_nlp.atomic import write_json_atomically
 from surge_nlp.pipeline import finetune_teacher, run_glue
 from surge_nlp.recipe import Recipe, RecipeError, load_recipe, merge
@@ -41,6 +44,7 @@ STAGE_KEYS = ("name", "quantization", "training", "keep_shifts")
 REPORTED_METRIC = {"mrpc": "f1", "stsb": "pearson", "cola": "matthews_correlation", "qqp": "f1"}
 RESULT = "results.json"
 WALL = "wall.json"
+BASELINE = "majority_class.json"
 
 
 class LadderError(ValueError):
@@ -141,6 +145,21 @@ def ensure_teacher(ladder: dict[str, Any], task: str, teachers: Path) -> dict[st
     return json.loads(metrics_path.read_text())
 
 
+def baseline_path(teachers: Path, task: str) -> Path:
+    return teachers / task / BASELINE
+
+
+def ensure_baseline(task: str, teachers: Path) -> dict[str, Any]:
+    """The majority-class floor of the task's dev metrics (`surge_nlp.glue.majority_class_metrics`),
+    written beside the teacher once; a student's number means something only above it."""
+    path = baseline_path(teachers, task)
+    if not path.is_file():
+        splits = datasets.load_dataset(resolve_dataset(), task)
+        metrics = majority_class_metrics(task, splits["train"]["label"], splits["validation"]["label"])
+        write_json_atomically(path, {"task": task, "dataset": resolve_dataset(), "metrics": {"validation": metrics}})
+    return json.loads(path.read_text())
+
+
 def run_dir_of(output: Path, row_name: str, task: str, seed: int | None = None) -> Path:
     """`<output>/<row>/<task>` for the recipe's seed, `<output>/<row>@seed<N>/<task>` for a repeat."""
     return output / (row_name if seed is None else f"{row_name}@seed{seed}") / task
@@ -159,6 +178,7 @@ def run_one(ladder: dict[str, Any], row_name: str, task: str, output: Path, teac
     if (run_dir / RESULT).is_file():
         return json.loads((run_dir / RESULT).read_text())
     ensure_teacher(ladder, task, teachers)
+    ensure_baseline(task, teachers)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Wall time over every call that worked on the run (a call killed midway does not add its part).
     walls = json.loads((run_dir / WALL).read_text()) if (run_dir / WALL).is_file() else []
@@ -177,12 +197,16 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any
     """The ladder's rows from the finished runs (teacher first): metrics x 100, averages, walls."""
     teacher: dict[str, float] = {}
     teacher_walls: dict[str, float] = {}
+    baseline: dict[str, float] = {}
     for task in ladder["tasks"]:
         path = teacher_dir(teachers, task) / "teacher_metrics.json"
         if path.is_file():
             info = json.loads(path.read_text())
             teacher[task] = 100 * info["metrics"]["validation"][reported_metric(task)]
             teacher_walls[task] = info.get("wall_time_s")
+        path = baseline_path(teachers, task)
+        if path.is_file():
+            baseline[task] = 100 * json.loads(path.read_text())["metrics"]["validation"][reported_metric(task)]
     rows = []
     for name in ladder["rows"]:  # the ladder's rows and the ablation rows alike; split by `markdown`
         metrics, per_seed, walls, selected, schedule, commands, bits, multistep = {}, {}, {}, {}, {}, {}, None, False
@@ -217,7 +241,7 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any
             "command": {task: " ; ".join(lines) for task, lines in commands.items()},
         })
     return {"protocol": "cpu-full", "profiles": ladder["profiles"], "metric": {t: reported_metric(t) for t in ladder["tasks"]},
-            "teacher": teacher, "teacher_wall_s": teacher_walls, "rows": rows}
+            "teacher": teacher, "teacher_wall_s": teacher_walls, "majority_class": baseline, "rows": rows}
 
 
 def _average(values: dict[str, float], tasks: list[str]) -> float | None:
@@ -278,6 +302,11 @@ def markdown(result: dict[str, Any], tasks: list[str]) -> str:
     walls = [w for w in result["teacher_wall_s"].values() if w]
     lines.append("| FP teacher | 32-32-32 | " + " | ".join(f"{teacher[t]:.1f}" if t in teacher else "" for t in tasks)
                  + f" | {avg_cell} | 100% | {sum(walls) / 60:.0f} |")
+    baseline = result.get("majority_class") or {}
+    if baseline:  # the floor: a model that predicts the most frequent training label for everything
+        b_avg = _average(baseline, tasks)
+        lines.append("| majority class | - | " + " | ".join(f"{baseline[t]:.1f}" if t in baseline else "" for t in tasks)
+                     + f" | {f'{b_avg:.1f}' if b_avg is not None else ''} |  |  |")
     for row in result["rows"]:
         m = row["metrics"]
         avg = _average(m, tasks)
@@ -293,10 +322,12 @@ def markdown(result: dict[str, Any], tasks: list[str]) -> str:
 
 
 def plot_table(result: dict[str, Any], tasks: list[str], path: Path) -> Path:
-    """The ladder as grouped bars: one group per task, one bar per row (the FP teacher first)."""
+    """The ladder as grouped bars: one group per task, one bar per row (the FP teacher and the majority class first)."""
     from surge_nlp.plots import bar_chart
 
     series = {"FP teacher": [result["teacher"].get(t) for t in tasks]}
+    if result.get("majority_class"):
+        series["majority class"] = [result["majority_class"].get(t) for t in tasks]
     series.update({row["name"]: [row["metrics"].get(t) for t in tasks] for row in result["rows"]})
     labels = [f"{t}\n({result['metric'][t]})" for t in tasks]
     return bar_chart(labels, series, path, ylabel="dev metric (x100)", title="cpu-full ladder: MiniLM teacher and binary students")
@@ -304,7 +335,7 @@ def plot_table(result: dict[str, Any], tasks: list[str], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["run", "table"])
+    parser.add_argument("action", choices=["run", "table", "baseline"])
     parser.add_argument("--ladder", default=str(Path(__file__).with_name("ladder.yaml")))
     parser.add_argument("--output", default="runs/ladder")
     parser.add_argument("--teachers", default="runs/cpu-full")
@@ -330,6 +361,10 @@ def main(argv: list[str] | None = None) -> None:
                     result = run_one(ladder, name, task, output, teachers, args.seed)
                     metric = reported_metric(task)
                     print(f"{name} {task}: {metric}={100 * result['stages'][-1]['metrics']['validation'][metric]:.2f}", flush=True)
+        elif args.action == "baseline":
+            for task in args.task or ladder["tasks"]:
+                metrics = ensure_baseline(task, teachers)["metrics"]["validation"]
+                print(f"majority class {task}: {reported_metric(task)}={100 * metrics[reported_metric(task)]:.2f}")
         else:
             result = table(ladder, output, teachers)
             in_ablations = ablation_rows(ladder)

@@ -5,9 +5,12 @@ evaluation while training with best-checkpoint selection, per-task profile setti
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 
+import datasets
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -571,7 +574,13 @@ def test_ladder_runs_resumably_and_tabulates(ladder_module, tmp_path, minilm_pat
     assert rows["w1a1"]["metrics"]["rte"] == pytest.approx(100 * first["stages"][-1]["metrics"]["validation"]["accuracy"])
     assert rows["w1a1_multistep"]["multistep"] and rows["w1a1_multistep"]["stages"] == ["w1e1a2", "w1e1a1"]
     assert rows["w1a1"]["wall_s"]["rte"] > 0 and "--row w1a1 --task rte" in rows["w1a1"]["command"]["rte"]
-    assert "| w1a1 | 1-1-1 |" in capsys.readouterr().out
+    # the majority-class floor, written beside the teacher by `run`: the training set's most frequent label
+    splits = datasets.load_dataset(str(glue_mirror), "rte")
+    majority = collections.Counter(splits["train"]["label"]).most_common(1)[0][0]
+    floor = 100 * float(np.mean(np.asarray(splits["validation"]["label"]) == majority))
+    assert table["majority_class"] == {"rte": pytest.approx(floor)}
+    out = capsys.readouterr().out
+    assert "| w1a1 | 1-1-1 |" in out and f"| majority class | - | {floor:.1f} |" in out
     ladder_module.main(["table", *argv, "--plot", str(tmp_path / "ladder.png")])
     assert (tmp_path / "ladder.png").stat().st_size > 5000
     # A repeat with another seed: its own folder, its recipe's seed, averaged into the row.

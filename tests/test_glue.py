@@ -26,6 +26,7 @@ from surge_nlp.glue import (
     get_task,
     load_glue,
     load_glue_metric,
+    majority_class_metrics,
     make_dataloader,
     predict,
     predict_to_submission,
@@ -208,6 +209,22 @@ def test_every_task_reports_its_metrics_and_main_metric():
         assert set(scores) == set(task.metrics) | ({COMBINED_SCORE} if len(task.metrics) > 1 else set())
         assert task.main_metric in scores
         assert all(isinstance(value, float) for value in scores.values())
+
+
+def test_majority_class_predicts_the_most_frequent_training_label():
+    # MRPC: train majority 1; dev [1, 0, 1, 1] -> accuracy 3/4, F1 = 2 * 3 / (2 * 3 + 1 + 0)
+    scores = majority_class_metrics("mrpc", [1, 0, 1], [1, 0, 1, 1])
+    assert scores["accuracy"] == pytest.approx(0.75) and scores["f1"] == pytest.approx(6 / 7)
+    # the majority of the training labels, not of the references: train says 0, so F1 is 0
+    assert majority_class_metrics("mrpc", [0, 0, 1], [1, 1, 1, 0])["accuracy"] == pytest.approx(0.25)
+    # a tie takes the smaller label id
+    assert majority_class_metrics("rte", [1, 0], [0, 0, 1])["accuracy"] == pytest.approx(2 / 3)
+    assert majority_class_metrics("cola", [1, 1, 0], [1, 0, 1, 0])["matthews_correlation"] == 0.0
+    assert majority_class_metrics("stsb", [0.0, 5.0, 5.0], [1.0, 4.0]) == {"pearson": 0.0, "spearmanr": 0.0, COMBINED_SCORE: 0.0}
+    with pytest.raises(ValueError, match="at least one training label"):
+        majority_class_metrics("rte", [], [0])
+    with pytest.raises(ValueError, match="unknown GLUE task"):
+        majority_class_metrics("glue", [0], [0])
 
 
 def test_metric_errors():

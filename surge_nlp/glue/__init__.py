@@ -20,7 +20,7 @@ from .data import (
     make_dataloader,
     resolve_dataset,
 )
-from .metrics import GLUE_METRIC_PATH, compute_metrics, load_glue_metric
+from .metrics import GLUE_METRIC_PATH, compute_metrics, load_glue_metric, majority_class_metrics
 from .predict import (agreement, evaluate_model, format_predictions, metrics_of, predict, predict_to_submission,
                       predictions_by_split, write_submission)
 from .tasks import COMBINED_SCORE, GLUE_TASKS, GlueTask, get_task
@@ -41,6 +41,7 @@ __all__ = [
     "get_task",
     "load_glue",
     "load_glue_metric",
+    "majority_class_metrics",
     "make_dataloader",
     "predict",
     "predict_to_submission",

@@ -62,3 +62,33 @@ def compute_metrics(
     if len(scores) > 1:
         scores[COMBINED_SCORE] = float(np.mean(list(scores.values())))
     return scores
+
+
+def majority_class_metrics(
+    task: str | GlueTask,
+    train_labels: Sequence[float] | np.ndarray,
+    references: Sequence[float] | np.ndarray,
+) -> dict[str, float]:
+    """The scores of a model that ignores its input: the most frequent training label for every example.
+
+    The floor a binary student must clear before its number means anything (an all-"equivalent"
+    MRPC model has F1 81.2 on dev). For STS-B a constant prediction has no correlation, so Pearson
+    and Spearman are 0 (their formulas divide by zero).
+
+    Example:
+        >>> majority_class_metrics("mrpc", train_labels=[1, 1, 0], references=[1, 0, 1, 1])["f1"]
+        0.8571428571428571
+        >>> majority_class_metrics("stsb", train_labels=[0.5, 4.0], references=[1.0, 3.0])["pearson"]
+        0.0
+    """
+    task = get_task(task)
+    if len(train_labels) == 0 or len(references) == 0:
+        raise ValueError("majority_class_metrics needs at least one training label and one reference")
+    if task.is_regression:
+        scores = {name: 0.0 for name in task.metrics}
+        if len(scores) > 1:
+            scores[COMBINED_SCORE] = 0.0
+        return scores
+    labels, counts = np.unique(np.asarray(train_labels, dtype=np.int64), return_counts=True)
+    majority = int(labels[np.argmax(counts)])  # ties: the smallest label id, as np.unique sorts
+    return compute_metrics(task, [majority] * len(references), references)
