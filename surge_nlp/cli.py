@@ -109,9 +109,16 @@ def cmd_glue(args: argparse.Namespace) -> None:
     _print_table(result)
     from transformers import AutoModelForSequenceClassification
 
-    print()
-    report = summary(AutoModelForSequenceClassification.from_pretrained(result.student_dir), print_fn=None)
-    print(report.format(layers=args.layers))
+    student = AutoModelForSequenceClassification.from_pretrained(result.student_dir).eval()
+    if (result.shipped or {}).get("deployed") is not None:
+        # Summarize what ships and runs: the deployed form, whose layers are on the binary kernels.
+        from .deploy import deploy
+
+        student, form = deploy(student), "deployed"
+    else:
+        form = "packed (kernels unavailable here: simulated)"
+    print(f"\nstudent as {form}:")
+    print(summary(student, print_fn=None).format(layers=args.layers))
     print(f"\npacked student: {result.student_dir}\nresults: {Path(args.output) / 'results.json'}\nplots: {Path(args.output) / 'plots'}")
 
 

@@ -353,12 +353,29 @@ def test_glue_evaluates_what_it_ships(rte_run, capsys):
         assert shipped["deployed"] is None and shipped["deployed_unavailable"]
 
 
-def test_glue_prints_totals_and_the_layer_table_on_request(tmp_path, tiny_base, capsys):
+def test_glue_prints_totals_and_the_layer_table_on_request(tmp_path, tiny_base, capsys, monkeypatch):
     recipe = write_recipe(tmp_path / "rte.yaml", "rte", tiny_base)
     code, stdout, _ = run(capsys, "glue", "rte", "--recipe", recipe, "--output", tmp_path / "a")
     assert code == 0
     assert "packed, reloaded" in stdout and "binarized layers:" in stdout
     assert "bert.encoder.layer.0.attention.self.query" not in stdout
+    from surge_nlp.kernels import ops
+
+    # The summary is of what ships: the deployed form, every binarized layer on the kernels.
+    if ops.available():
+        assert "student as deployed:" in stdout
+        layers = int(stdout.split("binarized layers:")[1].split()[0])
+        assert f"on binary kernels:         {layers} layers" in stdout
+    # Without the kernels the packed form is summarized, and says so.
+    monkeypatch.setenv("SURGE_NLP_DISABLE_KERNELS", "1")
+    ops.reset()
+    try:
+        code, stdout, _ = run(capsys, "glue", "rte", "--recipe", recipe, "--output", tmp_path / "a", "--resume")
+    finally:
+        monkeypatch.delenv("SURGE_NLP_DISABLE_KERNELS")
+        ops.reset()
+    assert code == 0 and "student as packed (kernels unavailable here: simulated):" in stdout
+    assert "on binary kernels:         0 layers, 0 attention modules" in stdout
     code, stdout, _ = run(capsys, "glue", "rte", "--recipe", recipe, "--output", tmp_path / "a", "--resume", "--layers")
     assert code == 0 and "bert.encoder.layer.0.attention.self.query" in stdout
 
