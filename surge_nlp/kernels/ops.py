@@ -18,87 +18,16 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .build import INTERFACE, KernelBuildError, load_library
+# The library's state and variant selection live in `library`; re-exported as ops' own API.
+from .library import (VARIANTS, _lib, active_variant, available, notify_unavailable, reset, supported_variants,
+                      unavailable_reason, use_variant)
 
-VARIANTS = INTERFACE.variants  # the C source's table, in its enum order
 XOR, AND = 0, 1
-
-_state: dict = {}
-
-
-def _library():
-    if "lib" not in _state:
-        try:
-            _state["lib"] = load_library()
-            _state["reason"] = None if _state["lib"] is not None else "disabled by SURGE_NLP_DISABLE_KERNELS"
-        except KernelBuildError as error:
-            _state["lib"], _state["reason"] = None, str(error)
-    return _state["lib"]
-
-
-def available() -> bool:
-    """True when the compiled kernels are loaded (compiling them on first call)."""
-    return _library() is not None
-
-
-def unavailable_reason() -> str | None:
-    """Why the kernels are not available (None when they are)."""
-    _library()
-    return _state["reason"]
-
-
-def notify_unavailable() -> None:
-    """The one-line notice shown (once per process) when a model stays on the simulated path."""
-    if not _state.get("notified"):
-        _state["notified"] = True
-        warnings.warn(f"surge_nlp: binary kernels unavailable ({unavailable_reason()}); running the simulated path",
-                      RuntimeWarning, stacklevel=3)
-
-
-def reset() -> None:
-    """Forget the loaded library (the next call re-runs the build); for tests of the fallback."""
-    _state.clear()
-
-
-def _lib():
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"surge_nlp binary kernels unavailable: {unavailable_reason()}")
-    return lib
-
-
-def supported_variants() -> list[str]:
-    """The kernel variants this CPU runs, portable first."""
-    lib = _lib()
-    return [name for index, name in enumerate(VARIANTS) if lib.surge_variant_supported(index)]
-
-
-def active_variant() -> str:
-    return VARIANTS[_lib().surge_active_variant()]
-
-
-@contextlib.contextmanager
-def use_variant(name: str):
-    """Run the block on one kernel variant, forced: every product runs on it, small ones included
-    (automatic selection may hand them to a faster neighbour). Restores the previous selection."""
-    if name not in VARIANTS:
-        raise ValueError(f"kernel variant {name!r} is invalid; allowed values: {', '.join(VARIANTS)}")
-    lib = _lib()
-    previous = lib.surge_forced_variant()  # -1: automatic
-    if lib.surge_set_variant(VARIANTS.index(name)) < 0:
-        raise ValueError(f"kernel variant {name!r} is not supported by this CPU; supported: {supported_variants()}")
-    try:
-        yield
-    finally:
-        lib.surge_set_variant(previous)
-
 
 def bytes_to_words(rows: torch.Tensor, columns: int) -> torch.Tensor:
     """uint8 rows (8 signs per byte, least significant bit first: the packed checkpoint) -> the
@@ -375,3 +304,9 @@ def peak_xor_popcount(a: torch.Tensor, b: torch.Tensor, reps: int, threads: int 
     a, b = a.contiguous(), b.contiguous()
     return int(_lib().surge_peak_xor_popcount(a.data_ptr(), b.data_ptr(), b.numel(), reps,
                                               torch.get_num_threads() if threads is None else threads))
+
+
+__all__ = ["AND", "PEAK_PRODUCTS_PER_WORD", "PEAK_WORDS", "VARIANTS", "XOR", "LinearKernel", "WeightPanels",
+           "active_variant", "available", "binary_matmul", "bytes_to_words", "gather_signs", "notify_unavailable",
+           "pack_levels", "pack_signs", "peak_xor_popcount", "planes_for", "reset", "supported_variants",
+           "unavailable_reason", "use_variant", "weight_panels", "words"]
