@@ -10,9 +10,12 @@ teachers=${2:-runs/cpu-full}
 run() { python recipes/benchmark_ladder.py run --output "$output" --teachers "$teachers" "$@"; }
 run --row w1a1 --task stsb
 run --row w1a1 --task mrpc
-run --row ablate_scale_through --row ablate_gelu_ffn --row ablate_shift_at_scale_lr
+run --row ablation_all_on --row ablation_gelu_ffn --row ablation_scale_through --row ablation_shift_at_scale_lr \
+    --row ablation_all_off --row ablation_multistep --row ablation_multistep_reset_shifts
 run --row w1a1
 run --row w1a4 --row w1a2
-run --row w1a1_multistep --row ablate_multistep_reset_shifts --row w1a1_fp_embeddings
+run --row w1a1_multistep --row w1a1_fp_embeddings
+run  # every other row of the file (the probes, w1a1_augmented), in its order
+python recipes/benchmark_ladder.py baseline --teachers "$teachers"
 python recipes/benchmark_ladder.py table --output "$output" --teachers "$teachers" \
   --json recipes/results/glue_cpu_full.json --plot recipes/results/glue_cpu_full.png

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import sys
 
 import datasets
@@ -508,6 +509,29 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
     assert ladder_module.row_recipe(ladder, "w1a1", "stsb").max_seq_length is None  # the task's own length (128)
     w1a1 = ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0]
     assert w1a1.training.shift_lr == w1a1.training.learning_rate and w1a1.quantization.embedding_bits == 1
+
+
+def test_run_ladder_sh_names_only_rows_of_the_ladder(ladder_module, tmp_path):
+    # Run the script with a `python` that records its arguments: every `run` it asks for must name
+    # rows the ladder has (benchmark_ladder refuses others, and `set -e` would stop the grid there).
+    import shlex
+    import subprocess
+
+    log = tmp_path / "calls.txt"
+    shim = tmp_path / "bin" / "python"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(REPO / "recipes" / "run_ladder.sh"), "out", "teachers"], cwd=REPO, env=env, check=True)
+    calls = [shlex.split(line) for line in log.read_text().splitlines()]
+    rows = set(ladder_module.load_ladder(REPO / "recipes" / "ladder.yaml")["rows"])
+    runs = [call for call in calls if call[1] == "run"]
+    named = [call[i + 1] for call in runs for i, arg in enumerate(call) if arg == "--row"]
+    assert named and set(named) <= rows
+    assert any("--row" not in call and "--task" not in call for call in runs)  # the last run covers every row
+    assert [call[1] for call in calls[-2:]] == ["baseline", "table"]
+    assert all(call[call.index("--output") + 1] == "out" for call in runs)
 
 
 @pytest.mark.parametrize("content,message", [
