@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,6 +58,15 @@ def fit(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray) -> dict[st
             "majority_share": float(np.bincount(s).max() / len(s))}
 
 
+def checkout_commit() -> str | None:
+    """The commit of the checkout this script runs from (the experiment worktree), if it is one."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a finished ladder run: <output>/<row>/<task>")
@@ -65,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--task", required=True)
     parser.add_argument("--ladder", default=str(Path(__file__).with_name("ladder.yaml")))
     parser.add_argument("--examples", type=int, default=600, help="the first N examples of each split")
-    parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--json", help="also write the result here, with its source (run, row, task, commit)")
     args = parser.parse_args(argv)
 
     recipe = benchmark_ladder.row_recipe(benchmark_ladder.load_ladder(args.ladder), args.row, args.task)
@@ -82,8 +92,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             result[f"{split}/{mode}"] = fit(outputs(student, dataset, tokenizer, mode)[0], teacher_logits, labels)
     for key, values in result.items():
         print(f"{key:<16}", "  ".join(f"{name}={value:.3f}" for name, value in values.items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.json:  # with where it came from, so that the file alone says which student it judged
+        source = {"run": str(args.run), "teacher": str(args.teacher), "row": args.row, "task": args.task,
+                  "examples": args.examples, "commit": checkout_commit()}
+        Path(args.json).write_text(json.dumps({"source": source, "fit": result}, indent=2))
     return result
 
 

@@ -582,7 +582,10 @@ def test_ladder_runs_resumably_and_tabulates(ladder_module, tmp_path, minilm_pat
     import diagnose_fit
 
     fit = diagnose_fit.main(["--run", str(tmp_path / "runs" / "w1a1" / "rte"), "--teacher", str(tmp_path / "teachers" / "rte" / "teacher"),
-                             "--row", "w1a1", "--task", "rte", "--ladder", str(ladder)])
+                             "--row", "w1a1", "--task", "rte", "--ladder", str(ladder), "--json", str(tmp_path / "fit.json")])
+    written = json.loads((tmp_path / "fit.json").read_text())
+    assert written["fit"] == fit and written["source"]["run"] == str(tmp_path / "runs" / "w1a1" / "rte")
+    assert (written["source"]["row"], written["source"]["task"], written["source"]["examples"]) == ("w1a1", "rte", 600)
     assert fit["dev/eval"]["accuracy"] == pytest.approx(first["stages"][-1]["metrics"]["validation"]["accuracy"])
     assert set(fit) == {f"{split}/{mode}" for split in ("train", "dev") for mode in diagnose_fit.MODES}
     # the training forward without dropout binarizes the same values up to float near-ties (16 examples)
