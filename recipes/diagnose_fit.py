@@ -31,6 +31,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).parent))
 import benchmark_ladder  # noqa: E402
 
+from surge_nlp.atomic import write_json_atomically  # noqa: E402
 from surge_nlp.glue import make_dataloader  # noqa: E402
 from surge_nlp.pipeline import load_data  # noqa: E402
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.json:  # with where it came from, so that the file alone says which student it judged
         source = {"run": str(args.run), "teacher": str(args.teacher), "row": args.row, "task": args.task,
                   "examples": args.examples, "commit": checkout_commit()}
-        Path(args.json).write_text(json.dumps({"source": source, "fit": result}, indent=2))
+        write_json_atomically(Path(args.json), {"source": source, "fit": result})
     return result
 
 
