@@ -23,7 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,9 @@ STAGE_KEYS = ("name", "quantization", "training", "keep_shifts")
 REPORTED_METRIC = {"mrpc": "f1", "stsb": "pearson", "cola": "matthews_correlation", "qqp": "f1"}
 RESULT = "results.json"
 WALL = "wall.json"
+PROVENANCE = "run.json"
+# wall.json is rewritten this often while a run works, so that a killed call still counts its time.
+HEARTBEAT_S = 60.0
 BASELINE = "majority_class.json"
 
 
@@ -172,25 +179,85 @@ def seeds_run(output: Path, row_name: str, task: str) -> list[tuple[int | None, 
     return [(seed, path) for seed, path in [(None, output / row_name / task), *repeats] if (path / RESULT).is_file()]
 
 
+def checkout_commit() -> str | None:
+    """The commit of the checkout this script runs from (the experiment worktree), if it is one."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+class WallClock:
+    """The wall time of every call that worked on a run, in `wall.json` (seconds, one entry per call).
+
+    The current call's entry is rewritten every `HEARTBEAT_S` seconds and at the end, so a call that is
+    killed midway still counts up to its last beat; work redone after such a stop is counted again,
+    as it was spent. Time while the process was stopped (SIGSTOP) counts too."""
+
+    def __init__(self, path: Path, heartbeat_s: float | None = None):
+        self.path, self.heartbeat_s = path, HEARTBEAT_S if heartbeat_s is None else heartbeat_s
+        self.before = json.loads(path.read_text()) if path.is_file() else []
+        self.started = time.perf_counter()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._run, name="ladder-wall-clock", daemon=True)
+
+    def write(self) -> None:
+        write_json_atomically(self.path, self.before + [time.perf_counter() - self.started])
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            self.write()
+
+    def __enter__(self) -> "WallClock":
+        self.write()
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._beat.join()
+        self.write()
+
+
+def provenance(row_name: str, task: str, output: Path, teachers: Path, seed: int | None) -> dict[str, Any]:
+    """What produced a run: the command (paths as given, from the directory it ran in), that directory, the commit."""
+    return {"row": row_name, "task": task, "seed": seed, "command": command(row_name, task, output, teachers, seed),
+            "cwd": os.getcwd(), "commit": checkout_commit()}
+
+
 def run_one(ladder: dict[str, Any], row_name: str, task: str, output: Path, teachers: Path, seed: int | None = None) -> dict[str, Any]:
-    """One (row, task[, seed]) run, resumed where it stopped; its results.json once finished."""
+    """One (row, task[, seed]) run, resumed where it stopped; its results.json once finished.
+
+    Beside it: `wall.json` (`WallClock`) and `run.json`, the command and commit of each call that worked on it."""
     run_dir = run_dir_of(output, row_name, task, seed)
     if (run_dir / RESULT).is_file():
         return json.loads((run_dir / RESULT).read_text())
     ensure_teacher(ladder, task, teachers)
     ensure_baseline(task, teachers)
     run_dir.mkdir(parents=True, exist_ok=True)
-    # Wall time over every call that worked on the run (a call killed midway does not add its part).
-    walls = json.loads((run_dir / WALL).read_text()) if (run_dir / WALL).is_file() else []
-    started = time.perf_counter()
-    run_glue(row_recipe(ladder, row_name, task, seed), run_dir, teacher_path=str(teacher_dir(teachers, task)), resume=True)
-    write_json_atomically(run_dir / WALL, walls + [time.perf_counter() - started])
+    write_json_atomically(run_dir / PROVENANCE, {"calls": provenance_calls(run_dir) + [provenance(row_name, task, output, teachers, seed)]})
+    with WallClock(run_dir / WALL):
+        run_glue(row_recipe(ladder, row_name, task, seed), run_dir, teacher_path=str(teacher_dir(teachers, task)), resume=True)
     return json.loads((run_dir / RESULT).read_text())
 
 
 def command(row_name: str, task: str, output: Path, teachers: Path, seed: int | None = None) -> str:
     return (f"SURGE_NLP_GLUE_DATASET=../shared/data/glue python recipes/benchmark_ladder.py run "
-            f"--row {row_name} --task {task} --output {output} --teachers {teachers}" + (f" --seed {seed}" if seed is not None else ""))
+            f"--row {row_name} --task {task} --output {shlex.quote(str(output))} --teachers {shlex.quote(str(teachers))}"
+            + (f" --seed {seed}" if seed is not None else ""))
+
+
+def provenance_calls(run_dir: Path) -> list[dict[str, Any]]:
+    """The calls that worked on a run, from its `run.json` (none for runs made before it was written)."""
+    path = run_dir / PROVENANCE
+    return json.loads(path.read_text())["calls"] if path.is_file() else []
+
+
+def recorded_command(run_dir: Path, fallback: str) -> str:
+    """The command that produced the run (its last call's); `fallback` for a run without `run.json`."""
+    calls = provenance_calls(run_dir)
+    return calls[-1]["command"] if calls else fallback
 
 
 def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any]:
@@ -209,7 +276,7 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any
             baseline[task] = 100 * json.loads(path.read_text())["metrics"]["validation"][reported_metric(task)]
     rows = []
     for name in ladder["rows"]:  # the ladder's rows and the ablation rows alike; split by `markdown`
-        metrics, per_seed, walls, selected, schedule, commands, bits, multistep = {}, {}, {}, {}, {}, {}, None, False
+        metrics, per_seed, walls, selected, schedule, commands, commits, bits, multistep = {}, {}, {}, {}, {}, {}, {}, None, False
         recipe = None
         for task in row_tasks(ladder, name):
             runs = seeds_run(output, name, task)
@@ -227,7 +294,8 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any
                 selected[task] += [f"seed {seed_value}, {s['name']}: {s.get('selected', 'last')} (step {s.get('best_step') or s['steps']} of {s['steps']})"
                                    for s in result["stages"]]
                 schedule[task] = [f"{s['name']}: {s['steps']} steps" for s in result["stages"]]
-                commands[task].append(command(name, task, output, teachers, seed))
+                commands[task].append(recorded_command(run_dir, command(name, task, output, teachers, seed)))
+                commits[task] = sorted(set(commits.get(task, [])) | {call["commit"] for call in provenance_calls(run_dir) if call["commit"]})
                 bits, multistep = last["bits"], len(result["stages"]) > 1
             metrics[task] = sum(per_seed[task].values()) / len(per_seed[task])  # the mean over the seeds run
         if not metrics:
@@ -239,6 +307,7 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any
             "wall_s": walls, "selected": selected, "schedule": schedule,
             "seed": sorted({seed for values in per_seed.values() for seed in values}),
             "command": {task: " ; ".join(lines) for task, lines in commands.items()},
+            "commit": commits,
         })
     return {"protocol": "cpu-full", "profiles": ladder["profiles"], "metric": {t: reported_metric(t) for t in ladder["tasks"]},
             "teacher": teacher, "teacher_wall_s": teacher_walls, "majority_class": baseline, "rows": rows}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -59,15 +58,6 @@ def fit(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray) -> dict[st
             "majority_share": float(np.bincount(s).max() / len(s))}
 
 
-def checkout_commit() -> str | None:
-    """The commit of the checkout this script runs from (the experiment worktree), if it is one."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a finished ladder run: <output>/<row>/<task>")
@@ -95,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         print(f"{key:<16}", "  ".join(f"{name}={value:.3f}" for name, value in values.items()))
     if args.json:  # with where it came from, so that the file alone says which student it judged
         source = {"run": str(args.run), "teacher": str(args.teacher), "row": args.row, "task": args.task,
-                  "examples": args.examples, "commit": checkout_commit()}
+                  "examples": args.examples, "commit": benchmark_ladder.checkout_commit()}
         write_json_atomically(Path(args.json), {"source": source, "fit": result})
     return result
 

@@ -601,6 +601,12 @@ def test_ladder_runs_resumably_and_tabulates(ladder_module, tmp_path, minilm_pat
     assert rows["w1a1"]["metrics"]["rte"] == pytest.approx(100 * first["stages"][-1]["metrics"]["validation"]["accuracy"])
     assert rows["w1a1_multistep"]["multistep"] and rows["w1a1_multistep"]["stages"] == ["w1e1a2", "w1e1a1"]
     assert rows["w1a1"]["wall_s"]["rte"] > 0 and "--row w1a1 --task rte" in rows["w1a1"]["command"]["rte"]
+    # run.json: one call per `run` that worked on it (the second `run` found it finished and added none)
+    calls = json.loads((tmp_path / "runs" / "w1a1" / "rte" / "run.json").read_text())["calls"]
+    assert [(call["row"], call["task"], call["seed"], call["cwd"]) for call in calls] == [("w1a1", "rte", None, os.getcwd())]
+    assert rows["w1a1"]["command"]["rte"] == calls[0]["command"] and f"--output {tmp_path / 'runs'}" in calls[0]["command"]
+    commit = ladder_module.checkout_commit()
+    assert calls[0]["commit"] == commit and rows["w1a1"]["commit"]["rte"] == ([commit] if commit else [])
     # the majority-class floor, written beside the teacher by `run`: the training set's most frequent label
     splits = datasets.load_dataset(str(glue_mirror), "rte")
     majority = collections.Counter(splits["train"]["label"]).most_common(1)[0][0]
@@ -621,6 +627,37 @@ def test_ladder_runs_resumably_and_tabulates(ladder_module, tmp_path, minilm_pat
                       7: pytest.approx(100 * repeat["stages"][-1]["metrics"]["validation"]["accuracy"])}
     assert row["metrics"]["rte"] == pytest.approx(sum(values.values()) / 2) and row["seed"] == [7, 42]
     assert "--seed 7" in row["command"]["rte"]
+
+
+def test_wall_clock_counts_a_call_while_it_runs_and_appends_to_earlier_calls(ladder_module, tmp_path):
+    import time
+
+    path = tmp_path / "wall.json"
+    path.write_text("[12.5]")
+    with ladder_module.WallClock(path, heartbeat_s=0.05):
+        assert json.loads(path.read_text())[0] == 12.5 and len(json.loads(path.read_text())) == 2
+        time.sleep(0.4)
+        # a process killed here would leave this on disk: the earlier call and this one up to its last beat
+        during = json.loads(path.read_text())
+        assert during[0] == 12.5 and during[1] >= 0.1
+    after = json.loads(path.read_text())
+    assert after[0] == 12.5 and after[1] >= 0.4
+
+
+def test_wall_clock_records_a_call_that_fails(ladder_module, tmp_path):
+    path = tmp_path / "wall.json"
+    with pytest.raises(RuntimeError), ladder_module.WallClock(path, heartbeat_s=10):
+        raise RuntimeError("interrupted")
+    assert len(json.loads(path.read_text())) == 1
+
+
+def test_table_takes_the_recorded_command_and_falls_back_for_older_runs(ladder_module, tmp_path):
+    run_dir = tmp_path / "w1a1" / "rte"
+    run_dir.mkdir(parents=True)
+    fallback = ladder_module.command("w1a1", "rte", tmp_path, tmp_path / "teachers")
+    assert ladder_module.recorded_command(run_dir, fallback) == fallback and ladder_module.provenance_calls(run_dir) == []
+    (run_dir / "run.json").write_text(json.dumps({"calls": [{"command": "first", "commit": "a"}, {"command": "second", "commit": "b"}]}))
+    assert ladder_module.recorded_command(run_dir, fallback) == "second"
 
 
 # --------------------------------------------------------------------------------------------
