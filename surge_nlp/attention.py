@@ -29,16 +29,20 @@ OPERANDS = ("query", "key", "value", "probs")
 
 class AttentionQuantizers(nn.Module):
     """The four activation quantizers of one self-attention module (shapes: batch, heads, tokens, dim),
-    and with `compensator` ("dpgc"/"surge") a `GradientCompensator` per operand in `compensators`."""
+    and with `compensator` ("dpgc"/"surge") a `GradientCompensator` per operand in `compensators`.
+    `learn_probability_shift` and `probability_scale` set the probability quantizer's shift and
+    initial scale (`SurgeConfig.attention_probability_shift` / `attention_probability_scale`)."""
 
     def __init__(self, num_heads: int, head_dim: int, bits: int, estimator: str,
-                 compensator: str | None = None, eta: float = 0.5) -> None:
+                 compensator: str | None = None, eta: float = 0.5,
+                 learn_probability_shift: bool = True, probability_scale: float | None = None) -> None:
         super().__init__()
         per_channel = (num_heads, 1, head_dim)
         self.query = ActivationQuantizer(bits, signed=True, surrogate=make_surrogate(estimator), shift_shape=per_channel)
         self.key = ActivationQuantizer(bits, signed=True, surrogate=make_surrogate(estimator), shift_shape=per_channel)
         self.value = ActivationQuantizer(bits, signed=True, surrogate=make_surrogate(estimator), shift_shape=per_channel)
-        self.probs = ActivationQuantizer(bits, signed=False, surrogate=make_surrogate(estimator), shift_shape=(1,))
+        self.probs = ActivationQuantizer(bits, signed=False, surrogate=make_surrogate(estimator), shift_shape=(1,),
+                                         learn_shift=learn_probability_shift, initial_scale=probability_scale)
         self.compensators = None if compensator is None else nn.ModuleDict(
             {operand: GradientCompensator(compensator, eta) for operand in OPERANDS})
 

@@ -75,20 +75,26 @@ class ActivationQuantizer(nn.Module):
         signed: signed levels (`-Qn..Qp`) or unsigned (`0..Qp`, for post-softmax probabilities).
         surrogate: backward of the 1-bit signed sign(); other settings use a straight-through round.
         shift_shape: shape of `beta`, broadcast against the input's trailing dims (per channel).
+        learn_shift: False keeps `beta` at 0 (a buffer under the same state-dict key).
+        initial_scale: a fixed initial `alpha` instead of the first batch's.
 
     `alpha` is initialised from the first batch it sees (`2 * mean|x| / sqrt(Qp)` signed,
-    `4 * mean|x| / sqrt(Qp)` unsigned); the `initialized` buffer records it. Under several
+    `4 * mean|x| / sqrt(Qp)` unsigned), or to `initial_scale`; the `initialized` buffer records it. Under several
     processes, `surge_nlp.calibrate(model, batch)` (run on every process, as the trainer does)
     averages it over the processes so that every replica starts from the same value. A forward
     that calibrates outside `calibrate` never calls a collective (a forward on one rank alone
     must not hang the run): it calibrates on this process alone and warns when there are several.
     """
 
-    def __init__(self, bits: int, signed: bool, surrogate: Surrogate, shift_shape: tuple[int, ...] = (1,)) -> None:
+    def __init__(self, bits: int, signed: bool, surrogate: Surrogate, shift_shape: tuple[int, ...] = (1,),
+                 learn_shift: bool = True, initial_scale: float | None = None) -> None:
         super().__init__()
         if bits not in (1, 2, 4, 8):
             raise ValueError(f"ActivationQuantizer bits={bits!r} is invalid; allowed values: 1, 2, 4, 8")
+        if initial_scale is not None and not initial_scale > 0:
+            raise ValueError(f"ActivationQuantizer initial_scale={initial_scale!r} is invalid; allowed values: None or a number > 0")
         self.bits = bits
+        self.initial_scale = initial_scale
         self.signed = signed
         self.surrogate = surrogate
         if signed:
@@ -96,7 +102,10 @@ class ActivationQuantizer(nn.Module):
         else:
             self.q_neg, self.q_pos = 0, 2**bits - 1
         self.alpha = nn.Parameter(torch.ones(1))
-        self.beta = nn.Parameter(torch.zeros(shift_shape))
+        if learn_shift:
+            self.beta = nn.Parameter(torch.zeros(shift_shape))
+        else:  # a buffer, not a frozen parameter: loading a checkpoint would make a parameter trainable again
+            self.register_buffer("beta", torch.zeros(shift_shape))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         # Set by surge_nlp.calibrate for its one forward on every process: average alpha over them.
         self.collective_calibration = False
@@ -110,6 +119,10 @@ class ActivationQuantizer(nn.Module):
 
     @torch.no_grad()
     def _calibrate(self, x: torch.Tensor) -> None:
+        if self.initial_scale is not None:
+            self.alpha.fill_(self.initial_scale)
+            self.initialized.fill_(True)
+            return
         factor = 2.0 if self.signed else 4.0
         alpha = (factor * (x - self.beta).abs().mean() / math.sqrt(self.q_pos)).clamp_min(MIN_SCALE).reshape(1)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -152,7 +165,8 @@ class ActivationQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "signed" if self.signed else "unsigned"
-        return f"bits={self.bits}, {kind}, surrogate={self.surrogate!r}, shift_shape={tuple(self.beta.shape)}"
+        extra = ("" if isinstance(self.beta, nn.Parameter) else ", shift fixed at 0") + ("" if self.initial_scale is None else f", initial_scale={self.initial_scale}")
+        return f"bits={self.bits}, {kind}, surrogate={self.surrogate!r}, shift_shape={tuple(self.beta.shape)}{extra}"
 
 
 def require_calibrated(quantizer: ActivationQuantizer, name: str) -> None:

@@ -44,6 +44,7 @@ CHECKPOINT_FORMATS = ("packed", "training")
 FFN_ACTIVATIONS = ("gelu", "relu")
 # Backward of the per-row weight scale; see surge_nlp.binarizers.
 WEIGHT_SCALE_GRADIENTS = ("through", "detached")
+ATTENTION_PROBABILITY_SHIFTS = ("learned", "zero")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -75,6 +76,13 @@ class SurgeConfig(QuantizationConfigMixin):
             each operand's gradient becomes `g_b + lambda * g_a`, with g_a the gradient of the
             full-precision product of the unquantized operands (`surge_nlp.compensator.compensated_matmul`).
             Requires binarize_attention and estimator "dpgc" or "surge"; no extra weights, nothing saved.
+        attention_probability_shift: the shift beta of the attention-probability quantizer (threshold
+            `alpha / 2 + beta` at 1 bit): "learned" (default) trains it with the other shifts; "zero" keeps it
+            at 0, as BiT's code does (only the scale learns). Only with binarize_attention.
+        attention_probability_scale: the initial scale alpha of the attention-probability quantizer.
+            None (default): from the first batch, `4 * mean(p) / sqrt(Qp)`, which for softmax rows is
+            4 / the batch's padded length; a number fixes it, e.g. BiT's 4 / 128 = 0.03125 (BiT pads every
+            batch to 128 tokens). Only with binarize_attention.
         modules_to_not_convert: module names (or dotted suffixes/prefixes) kept in full precision.
             The pooler is binarized (BiBERT/BiT's size count) only when "pooler" is removed from it.
         ffn_activation: "gelu" (default) keeps the checkpoint's FFN activation and binarizes the
@@ -102,6 +110,8 @@ class SurgeConfig(QuantizationConfigMixin):
     binarize_attention: bool = True
     compensate_attention: bool = False
     aux_rank: int | None = None
+    attention_probability_shift: str = "learned"
+    attention_probability_scale: float | None = None
     ffn_activation: str = "gelu"
     weight_scale_gradient: str = "detached"
     modules_to_not_convert: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES_TO_NOT_CONVERT))
@@ -147,6 +157,16 @@ class SurgeConfig(QuantizationConfigMixin):
                 "SurgeConfig.compensate_attention=True is invalid with "
                 f"binarize_attention={self.binarize_attention!r}, estimator={self.estimator!r}; allowed values: "
                 f"compensate_attention=False, or binarize_attention=True with estimator in {COMPENSATED_ESTIMATORS}"
+            )
+        _check_choice("attention_probability_shift", self.attention_probability_shift, ATTENTION_PROBABILITY_SHIFTS)
+        scale = self.attention_probability_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+            raise ValueError(f"SurgeConfig.attention_probability_scale={scale!r} is invalid; allowed values: None or a number > 0")
+        self.attention_probability_scale = None if scale is None else float(scale)
+        if not self.binarize_attention and (self.attention_probability_shift != "learned" or scale is not None):
+            raise ValueError(
+                "SurgeConfig.attention_probability_shift/attention_probability_scale only apply with binarize_attention=True; "
+                "allowed values with binarize_attention=False: attention_probability_shift='learned', attention_probability_scale=None"
             )
         if self.modules_to_not_convert is None:
             self.modules_to_not_convert = []

@@ -129,8 +129,10 @@ def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to
             if selected(attention, name):
                 device = next(attention.parameters()).device
                 compensator = config.estimator if config.compensate_attention else None
-                attention.surge_attention = AttentionQuantizers(num_heads, head_dim, config.activation_bits, config.binary_estimator,
-                                                                compensator=compensator, eta=config.eta).to(device)
+                attention.surge_attention = AttentionQuantizers(
+                    num_heads, head_dim, config.activation_bits, config.binary_estimator, compensator=compensator, eta=config.eta,
+                    learn_probability_shift=config.attention_probability_shift == "learned",
+                    probability_scale=config.attention_probability_scale).to(device)
         model.set_attn_implementation(ATTENTION_IMPLEMENTATION)  # Transformers' hook; reaches every sub-config
 
     if config.embedding_bits == 1:

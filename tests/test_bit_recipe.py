@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import sys
 
 import datasets
@@ -124,6 +125,76 @@ def test_relu_student_packs_reloads_and_deploys_exactly(tmp_path, activation_bit
         assert layer.engine == "and-popcount" and not layer.input_quantizer.signed
     with torch.no_grad():
         assert torch.allclose(deployed(**batch).logits, reference, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# The attention-probability quantizer: BiT's (shift fixed at 0, fixed initial scale) as options
+
+
+def test_probability_quantizer_default_learns_its_shift_and_takes_its_scale_from_the_padded_batch(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(save_tiny(tmp_path), quantization_config=SurgeConfig())
+    batch = {k: v for k, v in fixed_batch().items() if k != "labels"}
+    surge_nlp.calibrate(model, batch)
+    probs = model.bert.encoder.layer[0].attention.self.surge_attention.probs
+    assert isinstance(probs.beta, nn.Parameter)
+    # softmax rows sum to 1: 4 * mean(p) = 4 / the padded length, whatever the mask
+    assert probs.alpha.item() == pytest.approx(4 / batch["input_ids"].shape[1])
+
+
+def test_bit_probability_quantizer_fixes_shift_and_initial_scale_and_round_trips(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    config = SurgeConfig(attention_probability_shift="zero", attention_probability_scale=4 / 128)
+    model = AutoModelForSequenceClassification.from_pretrained(save_tiny(tmp_path), quantization_config=config)
+    batch = {k: v for k, v in fixed_batch().items() if k != "labels"}
+    surge_nlp.calibrate(model, batch)
+    quantizers = [layer.attention.self.surge_attention for layer in model.bert.encoder.layer]
+    assert all(q.probs.alpha.item() == pytest.approx(0.03125) and not isinstance(q.probs.beta, nn.Parameter) for q in quantizers)
+    assert all(q.query.beta.requires_grad and q.query.alpha.item() != pytest.approx(0.03125) for q in quantizers)
+    # the frozen shift is in no optimizer group; the other shifts are
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in parameter_groups(model, TrainingConfig())}
+    assert all(id(q.probs.beta) not in set().union(*groups.values()) for q in quantizers)
+    assert all(id(q.query.beta) in groups["shifts"] and id(q.probs.alpha) in groups["scales"] for q in quantizers)
+    # one training step moves the probability scale but not its shift
+    model.train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, TrainingConfig()))
+    model(**batch).logits.sum().backward()
+    optimizer.step()
+    assert all(q.probs.beta.abs().max() == 0 and q.probs.alpha.item() != pytest.approx(0.03125) for q in quantizers)
+    # reset (a stage that changes bits) goes back to the fixed scale, not the batch's
+    quantizers[0].probs.reset_parameters()
+    surge_nlp.calibrate(model, batch)
+    assert quantizers[0].probs.alpha.item() == pytest.approx(0.03125)
+    # packed checkpoint: the config and the fixed shift come back
+    model.eval()
+    with torch.no_grad():
+        reference = model(**batch).logits
+    model.save_pretrained(tmp_path / "packed")
+    packed = AutoModelForSequenceClassification.from_pretrained(tmp_path / "packed").eval()
+    reloaded = packed.bert.encoder.layer[0].attention.self.surge_attention.probs
+    assert not isinstance(reloaded.beta, nn.Parameter) and reloaded.initial_scale == pytest.approx(0.03125)
+    with torch.no_grad():
+        assert torch.equal(packed(**batch).logits, reference)
+    from surge_nlp.kernels import ops
+
+    if not ops.available():
+        pytest.skip(f"kernels unavailable: {ops.unavailable_reason()}")
+    with torch.no_grad():
+        assert torch.allclose(surge_nlp.deploy(packed)(**batch).logits, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"attention_probability_shift": "frozen"}, "allowed values: 'learned', 'zero'"),
+    ({"attention_probability_scale": 0}, "attention_probability_scale=0 is invalid"),
+    ({"attention_probability_scale": True}, "attention_probability_scale=True is invalid"),
+    ({"attention_probability_scale": 0.03, "binarize_attention": False}, "only apply with binarize_attention=True"),
+    ({"attention_probability_shift": "zero", "binarize_attention": False}, "only apply with binarize_attention=True"),
+])
+def test_probability_quantizer_options_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SurgeConfig(**kwargs)
 
 
 def test_relu_on_a_family_without_a_known_ffn_names_the_model_type():
@@ -486,7 +557,8 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
         assert r.max_seq_length == 64 and all(s.quantization.embedding_bits == 32 and s.training.num_epochs == 1 for s in r.stages)
     assert all(ladder_module.row_tasks(ladder, name) == ["stsb", "mrpc"] for name in ablations)
     # the ablation table pairs each ablation with the row it switches one ingredient off in
-    probes = ("probe_fp_attention", "probe_a2", "probe_attention_loss", "probe_logits_only", "probe_lr1e3")
+    probes = ("probe_fp_attention", "probe_a2", "probe_attention_loss", "probe_logits_only", "probe_lr1e3",
+              "probe_probs_zero_shift", "probe_probs_bit_scale", "probe_probs_bit", "probe_hidden_only")
     assert {a["row"]: a["against"] for a in ladder["ablations"]} == {
         "ablation_gelu_ffn": "ablation_all_on", "ablation_scale_through": "ablation_all_on",
         "ablation_shift_at_scale_lr": "ablation_all_on", "ablation_all_off": "ablation_all_on",
@@ -502,7 +574,12 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
                          {f"training.{k}" for k, v in stage.training.to_dict().items() if v != on_stsb.training.to_dict()[k]}
     assert changed == {"probe_fp_attention": {"quantization.binarize_attention"}, "probe_a2": {"quantization.activation_bits"},
                        "probe_attention_loss": {"training.attention_weight"}, "probe_logits_only": {"training.hidden_weight"},
-                       "probe_lr1e3": {"training.learning_rate"}}
+                       "probe_lr1e3": {"training.learning_rate"},
+                       "probe_probs_zero_shift": {"quantization.attention_probability_shift"},
+                       "probe_probs_bit_scale": {"quantization.attention_probability_scale"},
+                       "probe_probs_bit": {"quantization.attention_probability_shift", "quantization.attention_probability_scale"},
+                       "probe_hidden_only": {"training.logits_weight"}}
+    assert ladder_module.row_recipe(ladder, "probe_probs_bit", "stsb").stages[0].quantization.attention_probability_scale == 4 / 128
     augmented = ladder_module.row_recipe(ladder, "w1a1_augmented", "stsb")
     assert augmented.augmentation.copies == 7 and augmented.stages[0].training.num_epochs == 1
     assert augmented.stages[0].quantization == ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0].quantization
