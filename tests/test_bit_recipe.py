@@ -558,7 +558,7 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
     assert all(ladder_module.row_tasks(ladder, name) == ["stsb", "mrpc"] for name in ablations)
     # the ablation table pairs each ablation with the row it switches one ingredient off in
     probes = ("probe_fp_attention", "probe_a2", "probe_attention_loss", "probe_logits_only", "probe_lr1e3",
-              "probe_probs_zero_shift", "probe_probs_bit_scale", "probe_probs_bit", "probe_hidden_only")
+              "probe_probs_zero_shift", "probe_probs_bit_scale", "probe_probs_bit", "probe_hidden_only", "probe_no_clip")
     assert {a["row"]: a["against"] for a in ladder["ablations"]} == {
         "ablation_gelu_ffn": "ablation_all_on", "ablation_scale_through": "ablation_all_on",
         "ablation_shift_at_scale_lr": "ablation_all_on", "ablation_all_off": "ablation_all_on",
@@ -578,8 +578,9 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
                        "probe_probs_zero_shift": {"quantization.attention_probability_shift"},
                        "probe_probs_bit_scale": {"quantization.attention_probability_scale"},
                        "probe_probs_bit": {"quantization.attention_probability_shift", "quantization.attention_probability_scale"},
-                       "probe_hidden_only": {"training.logits_weight"}}
+                       "probe_hidden_only": {"training.logits_weight"}, "probe_no_clip": {"training.max_grad_norm"}}
     assert ladder_module.row_recipe(ladder, "probe_probs_bit", "stsb").stages[0].quantization.attention_probability_scale == 4 / 128
+    assert ladder_module.row_recipe(ladder, "probe_no_clip", "stsb").stages[0].training.max_grad_norm is None
     augmented = ladder_module.row_recipe(ladder, "w1a1_augmented", "stsb")
     assert augmented.augmentation.copies == 7 and augmented.stages[0].training.num_epochs == 1
     assert augmented.stages[0].quantization == ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0].quantization
