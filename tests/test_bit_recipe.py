@@ -548,11 +548,15 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
                | ({"shift_lr"} if r.stages[-1].training.shift_lr != on.training.shift_lr else set()) for name, r in ablations.items()}
     assert differs == {"ablation_all_on": set(), "ablation_gelu_ffn": {"ffn_activation"}, "ablation_scale_through": {"weight_scale_gradient"},
                        "ablation_shift_at_scale_lr": {"shift_lr"}, "ablation_all_off": {"ffn_activation", "weight_scale_gradient", "shift_lr"},
-                       "ablation_multistep": set(), "ablation_multistep_reset_shifts": set()}
+                       "ablation_multistep": set(), "ablation_multistep_reset_shifts": set(), "ablation_one_step_two_epochs": set()}
     assert (on.quantization.ffn_activation, on.quantization.weight_scale_gradient) == ("relu", "detached")
     assert ablations["ablation_shift_at_scale_lr"].stages[0].training.shift_lr == 1e-4
     assert [s.keep_shifts for s in ablations["ablation_multistep"].stages] == [True, True]
     assert ablations["ablation_multistep_reset_shifts"].stages[1].keep_shifts is False
+    # the multi-step control: the same two epochs as ablation_multistep's two stages, one step at W1A1
+    control = ablations.pop("ablation_one_step_two_epochs")
+    assert [s.training.num_epochs for s in control.stages] == [2] and control.stages[0].quantization == on.quantization
+    assert ladder_module.row_tasks(ladder, "ablation_one_step_two_epochs") == ["stsb"]
     for r in ablations.values():
         assert r.max_seq_length == 64 and all(s.quantization.embedding_bits == 32 and s.training.num_epochs == 1 for s in r.stages)
     assert all(ladder_module.row_tasks(ladder, name) == ["stsb", "mrpc"] for name in ablations)
@@ -562,8 +566,8 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
     assert {a["row"]: a["against"] for a in ladder["ablations"]} == {
         "ablation_gelu_ffn": "ablation_all_on", "ablation_scale_through": "ablation_all_on",
         "ablation_shift_at_scale_lr": "ablation_all_on", "ablation_all_off": "ablation_all_on",
-        "ablation_multistep_reset_shifts": "ablation_multistep", **{probe: "ablation_all_on" for probe in probes}}
-    assert ladder_module.ablation_rows(ladder) == set(ablations) | set(probes)
+        "ablation_multistep_reset_shifts": "ablation_multistep", "ablation_one_step_two_epochs": "ablation_multistep", **{probe: "ablation_all_on" for probe in probes}}
+    assert ladder_module.ablation_rows(ladder) == set(ablations) | set(probes) | {"ablation_one_step_two_epochs"}
     # each STS-B probe changes exactly one setting of the all-on protocol
     on_stsb = ladder_module.row_recipe(ladder, "ablation_all_on", "stsb").stages[0]
     changed = {}
