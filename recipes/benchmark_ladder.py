@@ -254,9 +254,8 @@ def provenance_calls(run_dir: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["calls"] if path.is_file() else []
 
 
-def recorded_command(run_dir: Path, fallback: str) -> str:
-    """The command that produced the run (its last call's); `fallback` for a run without `run.json`."""
-    calls = provenance_calls(run_dir)
+def recorded_command(calls: list[dict[str, Any]], fallback: str) -> str:
+    """The command that produced a run, from its `provenance_calls` (the last one's); `fallback` for a run without any."""
     return calls[-1]["command"] if calls else fallback
 
 
@@ -294,8 +293,9 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any
                 selected[task] += [f"seed {seed_value}, {s['name']}: {s.get('selected', 'last')} (step {s.get('best_step') or s['steps']} of {s['steps']})"
                                    for s in result["stages"]]
                 schedule[task] = [f"{s['name']}: {s['steps']} steps" for s in result["stages"]]
-                commands[task].append(recorded_command(run_dir, command(name, task, output, teachers, seed)))
-                commits[task] = sorted(set(commits.get(task, [])) | {call["commit"] for call in provenance_calls(run_dir) if call["commit"]})
+                calls = provenance_calls(run_dir)
+                commands[task].append(recorded_command(calls, command(name, task, output, teachers, seed)))
+                commits[task] = sorted(set(commits.get(task, [])) | {call["commit"] for call in calls if call["commit"]})
                 bits, multistep = last["bits"], len(result["stages"]) > 1
             metrics[task] = sum(per_seed[task].values()) / len(per_seed[task])  # the mean over the seeds run
         if not metrics:

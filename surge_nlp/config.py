@@ -47,6 +47,11 @@ WEIGHT_SCALE_GRADIENTS = ("through", "detached")
 ATTENTION_PROBABILITY_SHIFTS = ("learned", "zero")
 
 
+def _is_positive_number(value: Any) -> bool:
+    # bool is an int subclass: `eta=True` must not pass as 1.
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
+
+
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
     # bool is an int subclass: `weight_bits=True` must not pass as 1.
     if isinstance(value, bool) or value not in allowed:
@@ -134,7 +139,7 @@ class SurgeConfig(QuantizationConfigMixin):
                 f"SurgeConfig.base_estimator={self.base_estimator!r} only applies with estimator in "
                 f"{COMPENSATED_ESTIMATORS}; with estimator={self.estimator!r} set `estimator` instead"
             )
-        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not self.eta > 0:
+        if not _is_positive_number(self.eta):
             raise ValueError(f"SurgeConfig.eta={self.eta!r} is invalid; allowed values: a number > 0")
         self.eta = float(self.eta)
         if self.aux_rank is not None:
@@ -160,7 +165,7 @@ class SurgeConfig(QuantizationConfigMixin):
             )
         _check_choice("attention_probability_shift", self.attention_probability_shift, ATTENTION_PROBABILITY_SHIFTS)
         scale = self.attention_probability_scale
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+        if scale is not None and not _is_positive_number(scale):
             raise ValueError(f"SurgeConfig.attention_probability_scale={scale!r} is invalid; allowed values: None or a number > 0")
         self.attention_probability_scale = None if scale is None else float(scale)
         if not self.binarize_attention and (self.attention_probability_shift != "learned" or scale is not None):

@@ -737,9 +737,10 @@ def test_table_takes_the_recorded_command_and_falls_back_for_older_runs(ladder_m
     run_dir = tmp_path / "w1a1" / "rte"
     run_dir.mkdir(parents=True)
     fallback = ladder_module.command("w1a1", "rte", tmp_path, tmp_path / "teachers")
-    assert ladder_module.recorded_command(run_dir, fallback) == fallback and ladder_module.provenance_calls(run_dir) == []
+    assert ladder_module.provenance_calls(run_dir) == []
+    assert ladder_module.recorded_command(ladder_module.provenance_calls(run_dir), fallback) == fallback
     (run_dir / "run.json").write_text(json.dumps({"calls": [{"command": "first", "commit": "a"}, {"command": "second", "commit": "b"}]}))
-    assert ladder_module.recorded_command(run_dir, fallback) == "second"
+    assert ladder_module.recorded_command(ladder_module.provenance_calls(run_dir), fallback) == "second"
 
 
 # --------------------------------------------------------------------------------------------
