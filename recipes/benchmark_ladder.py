@@ -13,6 +13,8 @@ interrupted run continues from its last trainer checkpoint; a finished one is ne
     # the table (markdown on stdout) and recipes/results/glue_cpu_full.json
     python recipes/benchmark_ladder.py table --output runs/ladder --teachers runs/cpu-full \\
         --json recipes/results/glue_cpu_full.json
+    # ... pairing each ablation with a rerun of its reference at the ablation's own commit where there is one
+    python recipes/benchmark_ladder.py table ... --reruns runs/reruns   # <reruns>/<commit>/<row>/<task>
 
 Metrics are the dev metric x 100 that the binarized-BERT papers report: MRPC F1, STS-B Pearson,
 CoLA Matthews correlation, accuracy otherwise. Each student's number is its best dev epoch (the
@@ -259,8 +261,30 @@ def recorded_command(calls: list[dict[str, Any]], fallback: str) -> str:
     return calls[-1]["command"] if calls else fallback
 
 
-def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any]:
-    """The ladder's rows from the finished runs (teacher first): metrics x 100, averages, walls."""
+def run_commit(calls: list[dict[str, Any]]) -> str | None:
+    """The commit a run was trained at: the one its `provenance_calls` share; None when unknown or mixed."""
+    commits = {call.get("commit") for call in calls}
+    return commits.pop() if len(commits) == 1 else None
+
+
+def reruns_of(reruns: Path | None, row_name: str, task: str) -> list[dict[str, Any]]:
+    """Repeats of (row, task) kept as references at other commits, `<reruns>/<commit>/<row>[@seed<N>]/<task>`:
+    seed, the commit their `run.json` records (never the folder's name) and the dev metric x 100."""
+    found = []
+    for commit_dir in sorted(p for p in reruns.iterdir() if p.is_dir()) if reruns and reruns.is_dir() else []:
+        for seed, run_dir in seeds_run(commit_dir, row_name, task):
+            result = json.loads((run_dir / RESULT).read_text())
+            found.append({"seed": seed if seed is not None else result["stages"][-1].get("seed"),
+                          "commit": run_commit(provenance_calls(run_dir)), "path": str(run_dir),
+                          "value": 100 * result["stages"][-1]["metrics"]["validation"][reported_metric(task)]})
+    return found
+
+
+def table(ladder: dict[str, Any], output: Path, teachers: Path, reruns: Path | None = None) -> dict[str, Any]:
+    """The ladder's rows from the finished runs (teacher first): metrics x 100, averages, walls.
+
+    Each row also names the commit of each seed's run (`commit_by_seed`) and lists its `reruns` (see
+    `reruns_of`): they are not averaged into the row; `ablation_table` pairs a run with them by commit."""
     teacher: dict[str, float] = {}
     teacher_walls: dict[str, float] = {}
     baseline: dict[str, float] = {}
@@ -276,13 +300,13 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any
     rows = []
     for name in ladder["rows"]:  # the ladder's rows and the ablation rows alike; split by `markdown`
         metrics, per_seed, walls, selected, schedule, commands, commits, bits, multistep = {}, {}, {}, {}, {}, {}, {}, None, False
-        recipe = None
+        recipe, commit_by_seed = None, {}
         for task in row_tasks(ladder, name):
             runs = seeds_run(output, name, task)
             if not runs:
                 continue
             recipe = row_recipe(ladder, name, task)
-            per_seed[task], walls[task], selected[task], commands[task] = {}, 0.0, [], []
+            per_seed[task], walls[task], selected[task], commands[task], commit_by_seed[task] = {}, 0.0, [], [], {}
             for seed, run_dir in runs:
                 result = json.loads((run_dir / RESULT).read_text())
                 last = result["stages"][-1]
@@ -296,6 +320,7 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any
                 calls = provenance_calls(run_dir)
                 commands[task].append(recorded_command(calls, command(name, task, output, teachers, seed)))
                 commits[task] = sorted(set(commits.get(task, [])) | {call["commit"] for call in calls if call["commit"]})
+                commit_by_seed[task][seed_value] = run_commit(calls)
                 bits, multistep = last["bits"], len(result["stages"]) > 1
             metrics[task] = sum(per_seed[task].values()) / len(per_seed[task])  # the mean over the seeds run
         if not metrics:
@@ -307,7 +332,8 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path) -> dict[str, Any
             "wall_s": walls, "selected": selected, "schedule": schedule,
             "seed": sorted({seed for values in per_seed.values() for seed in values}),
             "command": {task: " ; ".join(lines) for task, lines in commands.items()},
-            "commit": commits,
+            "commit": commits, "commit_by_seed": commit_by_seed,
+            "reruns": {task: found for task in metrics if (found := reruns_of(reruns, name, task))},
         })
     return {"protocol": "cpu-full", "profiles": ladder["profiles"], "metric": {t: reported_metric(t) for t in ladder["tasks"]},
             "teacher": teacher, "teacher_wall_s": teacher_walls, "majority_class": baseline, "rows": rows}
@@ -319,35 +345,59 @@ def _average(values: dict[str, float], tasks: list[str]) -> float | None:
 
 def ablation_table(ladder: dict[str, Any], result: dict[str, Any]) -> list[dict[str, Any]]:
     """Each ablation against its reference row, per task: both means over the seeds they share, and
-    the difference (ablation minus reference) paired by seed, its mean and each seed's."""
+    the difference (ablation minus reference) paired by seed, its mean and each seed's.
+
+    Runs differ by about a point between commits, so a run is paired with the reference's run of the
+    same seed at the same commit where there is one (the row's own or one of its `reruns`), and with
+    the row's own run of that seed otherwise; `commits_by_seed` says which (ablation, reference)."""
     by_name = {row["name"]: row for row in result["rows"]}
     table_rows = []
     for ablation in ladder["ablations"]:
         row, against = by_name.get(ablation["row"]), by_name.get(ablation["against"])
-        mine = _by_seed(row) if row else {}
-        theirs = _by_seed(against) if against else {}
-        metrics, reference, delta, paired = {}, {}, {}, {}
-        for task, values in mine.items():
-            seeds = [seed for seed in values if seed in theirs.get(task, {})]
-            if not seeds:
+        mine = _own_runs(row) if row else {}
+        theirs = _reference_runs(against) if against else {}
+        metrics, reference, delta, paired, commits = {}, {}, {}, {}, {}
+        for task, runs in mine.items():
+            pairs = {}
+            for seed, (value, commit) in runs.items():
+                candidates = theirs.get(task, {}).get(seed, [])
+                same = [c for c in candidates if commit is not None and c[1] == commit]
+                if same or candidates:
+                    pairs[seed] = (value, commit, *(same or candidates)[0])
+            if not pairs:
                 continue
-            paired[task] = {seed: values[seed] - theirs[task][seed] for seed in seeds}
-            metrics[task] = sum(values[s] for s in seeds) / len(seeds)
-            reference[task] = sum(theirs[task][s] for s in seeds) / len(seeds)
-            delta[task] = sum(paired[task].values()) / len(seeds)
+            paired[task] = {seed: value - ref for seed, (value, _, ref, _) in pairs.items()}
+            commits[task] = {seed: [commit, ref_commit] for seed, (_, commit, _, ref_commit) in pairs.items()}
+            metrics[task] = sum(p[0] for p in pairs.values()) / len(pairs)
+            reference[task] = sum(p[2] for p in pairs.values()) / len(pairs)
+            delta[task] = sum(paired[task].values()) / len(pairs)
         table_rows.append({**ablation, "metrics": metrics, "reference": reference, "delta": delta,
-                           "delta_by_seed": paired, "wall_s": row["wall_s"] if row else {}})
+                           "delta_by_seed": paired, "commits_by_seed": commits, "wall_s": row["wall_s"] if row else {}})
     return table_rows
 
 
-def _by_seed(row: dict[str, Any]) -> dict[str, dict[Any, float]]:
-    # rows from `table` carry metrics_by_seed; a row without it has one (unnamed) seed
-    return row.get("metrics_by_seed") or {task: {None: value} for task, value in row["metrics"].items()}
+def _own_runs(row: dict[str, Any]) -> dict[str, dict[Any, tuple[float, str | None]]]:
+    """{task: {seed: (value, commit)}} of a row's own runs. Rows from `table` carry metrics_by_seed and
+    commit_by_seed; a row without them has one (unnamed) seed at an unknown commit."""
+    by_seed = row.get("metrics_by_seed") or {task: {None: value} for task, value in row["metrics"].items()}
+    commits = row.get("commit_by_seed", {})
+    return {task: {seed: (value, commits.get(task, {}).get(seed)) for seed, value in values.items()}
+            for task, values in by_seed.items()}
+
+
+def _reference_runs(row: dict[str, Any]) -> dict[str, dict[Any, list[tuple[float, str | None]]]]:
+    """{task: {seed: [(value, commit), ...]}}: a reference row's own run of each seed first, then its reruns."""
+    runs = {task: {seed: [run] for seed, run in values.items()} for task, values in _own_runs(row).items()}
+    for task, found in row.get("reruns", {}).items():
+        for rerun in found:
+            runs.setdefault(task, {}).setdefault(rerun["seed"], []).append((rerun["value"], rerun["commit"]))
+    return runs
 
 
 def ablation_markdown(ablations: list[dict[str, Any]], tasks: list[str], metric: dict[str, str]) -> str:
-    head = "| switched off | against | " + " | ".join(f"{t} ({metric[t]}): off / on (delta)" for t in tasks) + " |"
-    lines = [head, "|" + "---|" * (len(tasks) + 2)]
+    head = ("| switched off | against | " + " | ".join(f"{t} ({metric[t]}): off / on (delta)" for t in tasks)
+            + " | commits (off / on) |")
+    lines = [head, "|" + "---|" * (len(tasks) + 3)]
     for a in ablations:
         cells = []
         for t in tasks:
@@ -357,8 +407,14 @@ def ablation_markdown(ablations: list[dict[str, Any]], tasks: list[str], metric:
                 cells.append(f"{a['metrics'][t]:.1f} / {a['reference'][t]:.1f} ({a['delta'][t]:+.1f}{per_seed})")
             else:
                 cells.append("")
-        lines.append(f"| {a['off']} | {a['against']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {a['off']} | {a['against']} | " + " | ".join(cells) + f" | {_commit_pairs(a)} |")
     return "\n".join(lines)
+
+
+def _commit_pairs(ablation: dict[str, Any]) -> str:
+    # "?" for a run made before run.json recorded its commit
+    pairs = {tuple(pair) for by_seed in ablation.get("commits_by_seed", {}).values() for pair in by_seed.values()}
+    return ", ".join(f"{mine or '?'} / {theirs or '?'}" for mine, theirs in sorted(pairs, key=lambda p: (p[0] or "", p[1] or "")))
 
 
 def markdown(result: dict[str, Any], tasks: list[str]) -> str:
@@ -412,6 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", action="append", help="tasks to run (default: each row's)")
     parser.add_argument("--seed", type=int, help="run: a repeat of the rows with this training seed (<row>@seed<N>/); "
                                                  "table: every seed run is averaged")
+    parser.add_argument("--reruns", help="table: repeats of rows at other commits, <RERUNS>/<commit>/<row>/<task>; an "
+                                         "ablation is compared with its reference at its own commit where there is one")
     parser.add_argument("--json", help="table: also write the JSON here")
     parser.add_argument("--plot", help="table: also draw it as a bar chart (PNG) at this path")
     args = parser.parse_args(argv)
@@ -435,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
                 metrics = ensure_baseline(task, teachers)["metrics"]["validation"]
                 print(f"majority class {task}: {reported_metric(task)}={100 * metrics[reported_metric(task)]:.2f}")
         else:
-            result = table(ladder, output, teachers)
+            result = table(ladder, output, teachers, Path(args.reruns) if args.reruns else None)
             in_ablations = ablation_rows(ladder)
             ladder_result = {**result, "rows": [row for row in result["rows"] if row["name"] not in in_ablations]}
             print(markdown(ladder_result, ladder["tasks"]))

@@ -798,3 +798,45 @@ def test_ablation_table_is_each_row_minus_its_reference(ladder_module):
     assert paired["delta"]["stsb"] == pytest.approx(-2.15) and paired["reference"]["stsb"] == pytest.approx(11.25)
     text = ladder_module.ablation_markdown([first, second], ["stsb", "mrpc"], {"stsb": "pearson", "mrpc": "f1"})
     assert "| 1b | on | 9.2 / 10.5 (-1.3) |  |" in text and "| 1c | on |  |  |" in text
+
+
+def test_ablation_is_paired_with_its_reference_at_the_same_commit_where_there_is_one(ladder_module):
+    ladder = {"ablations": [{"row": "probe", "against": "on", "off": "p"}, {"row": "old", "against": "on", "off": "o"},
+                            {"row": "later", "against": "on", "off": "l"}]}
+    on = {"name": "on", "metrics": {"stsb": 10.5}, "metrics_by_seed": {"stsb": {42: 10.5}}, "commit_by_seed": {"stsb": {42: None}},
+          "reruns": {"stsb": [{"seed": 42, "commit": "aaa", "value": 9.6}, {"seed": 42, "commit": "bbb", "value": 9.0},
+                              {"seed": 2, "commit": "aaa", "value": 8.0}]}, "wall_s": {}}
+
+    def row(name, value, commit):
+        return {"name": name, "metrics": {"stsb": value}, "metrics_by_seed": {"stsb": {42: value}},
+                "commit_by_seed": {"stsb": {42: commit}}, "wall_s": {}}
+
+    probe, old, later = ladder_module.ablation_table(ladder, {"rows": [on, row("probe", 11.3, "bbb"), row("old", 8.1, None),
+                                                                       row("later", 8.8, "ccc")]})
+    # the rerun at the probe's own commit, not the row's run (10.5) nor the first rerun (9.6)
+    assert probe["reference"] == {"stsb": 9.0} and probe["delta"]["stsb"] == pytest.approx(2.3)
+    assert probe["commits_by_seed"] == {"stsb": {42: ["bbb", "bbb"]}}
+    # no commit known, or none of the reference's at that commit: the reference's own run of the seed, said so
+    assert old["reference"] == {"stsb": 10.5} and old["commits_by_seed"] == {"stsb": {42: [None, None]}}
+    assert later["reference"] == {"stsb": 10.5} and later["commits_by_seed"] == {"stsb": {42: ["ccc", None]}}
+    text = ladder_module.ablation_markdown([probe, old, later], ["stsb"], {"stsb": "pearson"})
+    assert "| p | on | 11.3 / 9.0 (+2.3) | bbb / bbb |" in text
+    assert "| o | on | 8.1 / 10.5 (-2.4) | ? / ? |" in text and "| l | on | 8.8 / 10.5 (-1.7) | ccc / ? |" in text
+
+
+def test_reruns_take_their_commit_from_run_json_and_stay_out_of_the_row(ladder_module, tmp_path):
+    def finished(run_dir, value, seed, commits):
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps({"stages": [{"seed": seed, "metrics": {"validation": {"pearson": value}}}]}))
+        if commits is not None:
+            (run_dir / "run.json").write_text(json.dumps({"calls": [{"command": "c", "commit": c} for c in commits]}))
+
+    finished(tmp_path / "aaa" / "on" / "stsb", 0.096, 42, ["aaa"])
+    finished(tmp_path / "aaa" / "on@seed2" / "stsb", 0.08, 2, ["aaa"])
+    finished(tmp_path / "named-bbb" / "on" / "stsb", 0.09, 42, ["bbb", "ccc"])  # resumed at another commit: mixed
+    finished(tmp_path / "ddd" / "on" / "stsb", 0.07, 42, None)  # no run.json: the folder's name is not evidence
+    found = ladder_module.reruns_of(tmp_path, "on", "stsb")
+    assert [(r["seed"], r["commit"], round(r["value"], 6)) for r in found] == [(42, "aaa", 9.6), (2, "aaa", 8.0),
+                                                                               (42, None, 7.0), (42, None, 9.0)]
+    assert ladder_module.reruns_of(tmp_path, "off", "stsb") == [] and ladder_module.reruns_of(None, "on", "stsb") == []
+    assert ladder_module.run_commit([]) is None and ladder_module.run_commit([{"commit": "a"}, {"commit": "a"}]) == "a"
