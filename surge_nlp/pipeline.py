@@ -200,8 +200,11 @@ def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, 
     """Run the recipe's stages; stage 1's student starts from `teacher_dir`'s weights, each later
     one from the previous student, which is also its teacher. Completed stages are reloaded on resume."""
     data = load_data(recipe, tokenizer)
-    if recipe.augmentation.enabled:  # the teacher scores every copy; labels are never read
-        data = dataclasses.replace(data, train=recipe.augmentation.apply(data.train, tokenizer.all_special_ids))
+    if recipe.augmentation.enabled:  # the teacher scores every added input; their labels are never read
+        others = [load_glue(name, tokenizer, dataset=recipe.dataset, splits=("train",),
+                            max_seq_length=recipe.max_seq_length or data.task.max_seq_length).train
+                  for name in recipe.augmentation.other_tasks]
+        data = dataclasses.replace(data, train=recipe.augmentation.apply(data.train, tokenizer.all_special_ids, others))
     stages_info: list[dict[str, Any]] = []
     current_teacher, previous = teacher, None
     for stage in recipe.stages:

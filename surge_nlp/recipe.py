@@ -32,7 +32,7 @@ import yaml
 
 from .config import SurgeConfig
 from .distill import TrainingConfig
-from .glue import get_task
+from .glue import GLUE_TASKS, get_task
 from .glue.augment import Augmentation
 
 PROFILE_TASKS_KEY = "tasks"
@@ -101,8 +101,9 @@ class Recipe:
     max_seq_length: int | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
-    # Noisy copies of the training set for the distillation stages (the teacher's fine-tuning never
-    # sees them): `augmentation: {copies: K, replace_prob: p, seed: s}`; see surge_nlp.glue.augment.
+    # More inputs for the distillation stages (the teacher's fine-tuning never sees them): noisy copies
+    # and other tasks' training inputs, `augmentation: {copies: K, replace_prob: p, seed: s, other_tasks: [...]}`;
+    # see surge_nlp.glue.augment.
     augmentation: Augmentation = field(default_factory=Augmentation)
     sources: list[str] = field(default_factory=list)
 
@@ -148,9 +149,16 @@ class Recipe:
             raise RecipeError(f"{where}: {err}") from None
         labelled = [stage.name for stage in stages if stage.training.ground_truth_weight > 0]
         if augmentation.enabled and labelled:
-            raise RecipeError(f"{where}: augmentation.copies={augmentation.copies} with ground_truth_weight > 0 in stage(s) "
-                              f"{labelled}: a perturbed copy keeps its original's label, which no longer describes it; "
-                              "augment only stages distilled from the teacher (ground_truth_weight: 0)")
+            raise RecipeError(f"{where}: augmentation (copies={augmentation.copies}, other_tasks="
+                              f"{list(augmentation.other_tasks)}) with ground_truth_weight > 0 in stage(s) {labelled}: "
+                              "a perturbed copy keeps its original's label, which no longer describes it, and another "
+                              "task's input has none; augment only stages distilled from the teacher (ground_truth_weight: 0)")
+        inputs = len(get_task(data["task"]).text_columns)
+        allowed = [name for name, task in GLUE_TASKS.items() if len(task.text_columns) == inputs and name != data["task"]]
+        if any(name not in allowed for name in augmentation.other_tasks):
+            raise RecipeError(f"{where}: augmentation.other_tasks={list(augmentation.other_tasks)} is invalid for "
+                              f"{data['task']}; allowed values: tasks with its input ({'a sentence pair' if inputs == 2 else 'one sentence'}), "
+                              f"other than itself: {', '.join(allowed)}")
         return cls(task=data["task"], model=data["model"], teacher=teacher, stages=stages,
                    dataset=data.get("dataset"), max_seq_length=data.get("max_seq_length"),
                    max_train_samples=data.get("max_train_samples"), max_eval_samples=data.get("max_eval_samples"),

@@ -74,11 +74,48 @@ def test_augmentation_is_a_function_of_its_seed_and_off_by_default():
     ({"replace_prob": 1.5}, r"augmentation.replace_prob=1.5 is invalid"),
     ({"seed": "x"}, r"augmentation.seed='x' is invalid; allowed values: an integer"),
     ({"copis": 2}, r"augmentation has no setting\(s\) \['copis'\]"),
+    ({"other_tasks": ["mrpc", "foo"]}, r"augmentation.other_tasks=\['mrpc', 'foo'\] is invalid; allowed values: a list of "
+                                        r"distinct GLUE tasks among cola, sst2, mrpc"),
+    ({"other_tasks": ["mrpc", "mrpc"]}, r"augmentation.other_tasks=\['mrpc', 'mrpc'\] is invalid"),
+    ({"other_tasks": "mrpc"}, r"augmentation.other_tasks='mrpc' is invalid"),
     ([2], r"augmentation must be a mapping"),
 ])
 def test_invalid_settings_name_the_field(data, message):
     with pytest.raises(ValueError, match=message):
         Augmentation.from_dict(data)
+
+
+def test_other_tasks_inputs_follow_the_copies_with_a_placeholder_label():
+    train, other = pairs(30, seed=0), pairs(20, seed=1).add_column("idx", list(range(20)))
+    other = other.remove_columns("labels").add_column("labels", [1] * 20)  # another task's labels: classes, not scores
+    augmented = Augmentation(copies=1, replace_prob=0.5, other_tasks=("mrpc",)).apply(train, SPECIAL, [other])
+    assert len(augmented) == 30 + 30 + 20 and augmented.features == train.features
+    assert augmented[:30] == train[:]
+    added = augmented.select(range(60, 80))
+    for name in ("input_ids", "token_type_ids", "attention_mask"):
+        assert added[name] == other[name]  # the other task's inputs, unchanged
+    assert added["labels"] == [0.0] * 20  # never read: distillation targets are the teacher's outputs
+    only_others = Augmentation(other_tasks=("mrpc",))
+    assert only_others.enabled and len(only_others.apply(train, SPECIAL, [other])) == 50
+    assert only_others.to_dict() == {"copies": 0, "replace_prob": 0.1, "seed": 0, "other_tasks": ["mrpc"]}
+    with pytest.raises(ValueError, match=r"0 other training sets for other_tasks=\['mrpc'\]"):
+        only_others.apply(train, SPECIAL)
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['token_type_ids'\]"):
+        only_others.apply(train, SPECIAL, [other.remove_columns("token_type_ids")])
+
+
+def test_recipes_take_other_tasks_with_the_same_input_only():
+    recipe = load_recipe("stsb", profiles=["cpu-full"], overrides={"augmentation": {"other_tasks": ["mrpc", "rte"]}})
+    assert recipe.augmentation.other_tasks == ("mrpc", "rte")
+    with pytest.raises(RecipeError, match=r"augmentation.other_tasks=\['cola'\] is invalid for stsb; allowed values: "
+                                          r"tasks with its input \(a sentence pair\), other than itself: mrpc, qqp, "):
+        load_recipe("stsb", profiles=["cpu-full"], overrides={"augmentation": {"other_tasks": ["cola"]}})
+    with pytest.raises(RecipeError, match=r"other_tasks=\['sst2'\] is invalid for sst2; allowed values: tasks with its "
+                                          r"input \(one sentence\), other than itself: cola$"):
+        load_recipe("sst2", profiles=["cpu-full"], overrides={"augmentation": {"other_tasks": ["sst2"]}})
+    with pytest.raises(RecipeError, match=r"other_tasks=\['mrpc'\]\) with ground_truth_weight > 0"):
+        load_recipe("stsb", profiles=["cpu-full"], overrides={"augmentation": {"other_tasks": ["mrpc"]},
+                                                              "distill": {"ground_truth_weight": 0.5}})
 
 
 def test_recipes_take_augmentation_and_refuse_it_with_label_losses():
@@ -106,7 +143,25 @@ def test_the_pipeline_distils_on_the_augmented_set(tmp_path, tiny_base, glue_mir
     assert main(["-q", "glue", "rte", "--recipe", str(tmp_path / "rte.yaml"), "--output", str(tmp_path / "out")]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     teacher_log = (tmp_path / "out" / "teacher_training" / "log_history.jsonl").read_text().splitlines()
-    assert results["augmentation"] == {"copies": 2, "replace_prob": 0.2, "seed": 0}
+    assert results["augmentation"] == {"copies": 2, "replace_prob": 0.2, "seed": 0, "other_tasks": []}
     stage = results["stages"][0]
     assert stage["train_examples"] == 48 and stage["steps"] == 6  # 16 originals + 2 copies, batch 8
     assert json.loads(teacher_log[-1])["step"] == 2  # the teacher fine-tunes on the 16 originals only
+
+
+def test_the_pipeline_distils_on_other_tasks_inputs_too(tmp_path, tiny_base, glue_mirror, monkeypatch):
+    from surge_nlp.cli import main
+
+    monkeypatch.setenv("SURGE_NLP_GLUE_DATASET", str(glue_mirror))
+    recipe = {"task": "rte", "model": str(tiny_base), "max_train_samples": 16, "max_eval_samples": 8, "max_seq_length": 32,
+              "augmentation": {"other_tasks": ["mrpc"]},
+              "teacher": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8, "ground_truth_weight": 1.0,
+                          "logits_weight": 0.0, "hidden_weight": 0.0},
+              "distill": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8, "max_steps": 3},
+              "stages": [{"name": "w1a1", "quantization": {"estimator": "clipped_ste"}}]}
+    (tmp_path / "rte.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["-q", "glue", "rte", "--recipe", str(tmp_path / "rte.yaml"), "--output", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    mrpc_train = datasets.load_dataset(str(glue_mirror), "mrpc", split="train")
+    assert results["augmentation"]["other_tasks"] == ["mrpc"]
+    assert results["stages"][0]["train_examples"] == 16 + len(mrpc_train) and results["stages"][0]["steps"] == 3

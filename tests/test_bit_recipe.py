@@ -588,6 +588,11 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
     augmented = ladder_module.row_recipe(ladder, "w1a1_augmented", "stsb")
     assert augmented.augmentation.copies == 7 and augmented.stages[0].training.num_epochs == 1
     assert augmented.stages[0].quantization == ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0].quantization
+    # w1a1_other_tasks: w1a1's student over STS-B + MRPC inputs, capped at w1a1's 2,880 steps (8 x 360)
+    transfer = ladder_module.row_recipe(ladder, "w1a1_other_tasks", "stsb")
+    assert transfer.augmentation.other_tasks == ("mrpc",) and transfer.augmentation.copies == 0
+    assert transfer.stages[0].training.max_steps == 8 * 360 and transfer.stages[0].training.eval_every == 360
+    assert transfer.stages[0].quantization == ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0].quantization
     assert ladder_module.row_recipe(ladder, "w1a1", "stsb").max_seq_length is None  # the task's own length (128)
     w1a1 = ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0]
     assert w1a1.training.shift_lr == w1a1.training.learning_rate and w1a1.quantization.embedding_bits == 1

@@ -1,4 +1,4 @@
-"""Data augmentation for distillation: noisy copies of the training examples, scored by the teacher.
+"""Data augmentation for distillation: more inputs for the teacher to score, beside the training set.
 
 A distilled student never needs gold labels (its targets are the teacher's outputs for whatever
 input it sees), so every perturbed copy of a training example is a new, correctly labelled
@@ -7,11 +7,17 @@ binary student's long schedule and a 1-bit student learns them by heart (recipes
 limits W1A1 on STS-B"); copies make the same number of steps see new inputs. TinyBERT and BiT
 augment with word substitutions for the same reason.
 
-`Augmentation(copies=K, replace_prob=p)` keeps the original training set and appends K copies of
-it in which each ordinary token (not [CLS], [SEP], padding or other special tokens) is replaced,
-with probability p, by a token drawn from the training set's own token frequencies. Lengths,
-`token_type_ids` and the attention masks are unchanged. The copies are a function of `seed`, so a
-resumed or repeated run sees the same data.
+Two sources, which combine:
+- `Augmentation(copies=K, replace_prob=p)` appends K copies of the training set in which each
+  ordinary token (not [CLS], [SEP], padding or other special tokens) is replaced, with probability
+  p, by a token drawn from the training set's own token frequencies. Lengths, `token_type_ids` and
+  the attention masks are unchanged. The copies are a function of `seed`, so a resumed or repeated
+  run sees the same data.
+- `Augmentation(other_tasks=("mrpc", "rte"))` appends the training inputs of other GLUE tasks with
+  the same input (a sentence pair for a pair task, one sentence otherwise): real text of the same
+  kind, which the teacher scores as it would the task's own (a transfer set). Their labels belong
+  to another task and are not kept: the `labels` column holds a placeholder that is never read.
+  The pipeline loads and tokenizes them (`surge_nlp.glue.load_glue`) and passes them to `apply`.
 
 Example:
     >>> import datasets
@@ -32,6 +38,8 @@ from typing import Any
 import datasets
 import numpy as np
 
+from .tasks import GLUE_TASKS
+
 INPUT_IDS = "input_ids"
 
 
@@ -41,21 +49,29 @@ def _invalid(name: str, value: Any, allowed: str) -> ValueError:
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Noisy copies of the distillation set (see the module docstring).
+    """More distillation inputs: noisy copies and other tasks' inputs (see the module docstring).
 
     Args:
-        copies: perturbed copies appended per training example; 0 turns augmentation off.
+        copies: perturbed copies appended per training example; 0: none.
         replace_prob: probability that an ordinary token of a copy is replaced (0 < p <= 1).
         seed: the copies are a function of it.
+        other_tasks: GLUE tasks whose training inputs are appended (the recipe checks that they have
+            the task's input shape); empty: none. Augmentation is off when both are empty.
     """
 
     copies: int = 0
     replace_prob: float = 0.1
     seed: int = 0
+    other_tasks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.copies, bool) or not isinstance(self.copies, int) or self.copies < 0:
             raise _invalid("copies", self.copies, "an integer >= 0")
+        tasks = self.other_tasks
+        if (not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) and t in GLUE_TASKS for t in tasks)
+                or len(set(tasks)) != len(tasks)):
+            raise _invalid("other_tasks", tasks, f"a list of distinct GLUE tasks among {', '.join(GLUE_TASKS)}")
+        object.__setattr__(self, "other_tasks", tuple(tasks))
         p = self.replace_prob
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
             raise _invalid("replace_prob", p, "a number in (0, 1]")
@@ -69,22 +85,33 @@ class Augmentation:
             return cls()
         if not isinstance(data, dict):
             raise ValueError(f"augmentation must be a mapping with keys copies, replace_prob, seed; got {data!r}")
-        unknown = sorted(set(data) - {"copies", "replace_prob", "seed"})
+        unknown = sorted(set(data) - set(SETTINGS))
         if unknown:
-            raise ValueError(f"augmentation has no setting(s) {unknown}; allowed: ['copies', 'replace_prob', 'seed']")
+            raise ValueError(f"augmentation has no setting(s) {unknown}; allowed: {list(SETTINGS)}")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "other_tasks": list(self.other_tasks)}
 
     @property
     def enabled(self) -> bool:
-        return self.copies > 0
+        return self.copies > 0 or bool(self.other_tasks)
 
-    def apply(self, train: datasets.Dataset, special_ids: Iterable[int]) -> datasets.Dataset:
-        """`train` followed by `copies` perturbed copies of it (`train` itself when disabled)."""
+    def apply(self, train: datasets.Dataset, special_ids: Iterable[int],
+              others: Iterable[datasets.Dataset] = ()) -> datasets.Dataset:
+        """`train`, then `copies` perturbed copies of it, then `others` (the tokenized training sets of
+        `other_tasks`, in that order) with a placeholder label; `train` itself when disabled."""
+        others = list(others)
+        if len(others) != len(self.other_tasks):
+            raise ValueError(f"augmentation.apply: {len(others)} other training sets for other_tasks={list(self.other_tasks)}")
         if not self.enabled:
             return train
+        return datasets.concatenate_datasets([train, *self._copies(train, special_ids),
+                                              *(_unlabelled_like(train, other) for other in others)])
+
+    def _copies(self, train: datasets.Dataset, special_ids: Iterable[int]) -> list[datasets.Dataset]:
+        if not self.copies:
+            return []
         special = np.array(sorted(set(special_ids)), dtype=np.int64)
         sequences = [np.asarray(ids, dtype=np.int64) for ids in train[INPUT_IDS]]
         vocabulary, counts = np.unique(np.concatenate(sequences), return_counts=True)
@@ -93,7 +120,7 @@ class Augmentation:
             raise ValueError("augmentation: the training set has no ordinary tokens to replace")
         vocabulary, frequencies = vocabulary[ordinary], counts[ordinary] / counts[ordinary].sum()
         rng = np.random.default_rng(self.seed)
-        parts = [train]
+        parts = []
         for _ in range(self.copies):
             noisy = []
             for ids in sequences:
@@ -103,7 +130,20 @@ class Augmentation:
                 noisy.append(ids.tolist())
             columns = {name: (noisy if name == INPUT_IDS else train[name]) for name in train.column_names}
             parts.append(datasets.Dataset.from_dict(columns, features=train.features))
-        return datasets.concatenate_datasets(parts)
+        return parts
+
+
+SETTINGS = ("copies", "replace_prob", "seed", "other_tasks")
+LABELS = "labels"
+
+
+def _unlabelled_like(train: datasets.Dataset, other: datasets.Dataset) -> datasets.Dataset:
+    """`other`'s inputs in `train`'s columns and features; its labels (another task's) become a placeholder 0."""
+    missing = sorted(set(train.column_names) - set(other.column_names) - {LABELS})
+    if missing:
+        raise ValueError(f"augmentation: an other task's training set lacks the column(s) {missing}")
+    columns = {name: ([0] * len(other) if name == LABELS else other[name]) for name in train.column_names}
+    return datasets.Dataset.from_dict(columns, features=train.features)
 
 
 __all__ = ["Augmentation"]
