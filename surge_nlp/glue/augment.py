@@ -84,7 +84,7 @@ class Augmentation:
         if data is None:
             return cls()
         if not isinstance(data, dict):
-            raise ValueError(f"augmentation must be a mapping with keys copies, replace_prob, seed; got {data!r}")
+            raise ValueError(f"augmentation must be a mapping with keys among {', '.join(SETTINGS)}; got {data!r}")
         unknown = sorted(set(data) - set(SETTINGS))
         if unknown:
             raise ValueError(f"augmentation has no setting(s) {unknown}; allowed: {list(SETTINGS)}")
