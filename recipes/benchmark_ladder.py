@@ -64,6 +64,12 @@ def reported_metric(task: str) -> str:
     return REPORTED_METRIC.get(task, "accuracy")
 
 
+def reported_value(info: dict[str, Any], task: str) -> float:
+    """The task's reported dev metric x 100 from anything that records `metrics.validation`: a student
+    run's stage, the teacher's metrics, the majority-class floor."""
+    return 100 * info["metrics"]["validation"][reported_metric(task)]
+
+
 def load_ladder(path: str | Path) -> dict[str, Any]:
     """Read and validate the ladder file; every error names the field and what is allowed."""
     try:
@@ -276,7 +282,7 @@ def reruns_of(reruns: Path | None, row_name: str, task: str) -> list[dict[str, A
             result = json.loads((run_dir / RESULT).read_text())
             found.append({"seed": seed if seed is not None else result["stages"][-1].get("seed"),
                           "commit": run_commit(provenance_calls(run_dir)), "path": str(run_dir),
-                          "value": 100 * result["stages"][-1]["metrics"]["validation"][reported_metric(task)]})
+                          "value": reported_value(result["stages"][-1], task)})
     return found
 
 
@@ -292,11 +298,11 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path, reruns: Path | N
         path = teacher_dir(teachers, task) / "teacher_metrics.json"
         if path.is_file():
             info = json.loads(path.read_text())
-            teacher[task] = 100 * info["metrics"]["validation"][reported_metric(task)]
+            teacher[task] = reported_value(info, task)
             teacher_walls[task] = info.get("wall_time_s")
         path = baseline_path(teachers, task)
         if path.is_file():
-            baseline[task] = 100 * json.loads(path.read_text())["metrics"]["validation"][reported_metric(task)]
+            baseline[task] = reported_value(json.loads(path.read_text()), task)
     rows = []
     for name in ladder["rows"]:  # the ladder's rows and the ablation rows alike; split by `markdown`
         metrics, per_seed, walls, selected, schedule, commands, commits, bits, multistep = {}, {}, {}, {}, {}, {}, {}, None, False
@@ -311,7 +317,7 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path, reruns: Path | N
                 result = json.loads((run_dir / RESULT).read_text())
                 last = result["stages"][-1]
                 seed_value = seed if seed is not None else recipe.stages[-1].training.seed
-                per_seed[task][seed_value] = 100 * last["metrics"]["validation"][reported_metric(task)]
+                per_seed[task][seed_value] = reported_value(last, task)
                 wall_path = run_dir / WALL
                 walls[task] += sum(json.loads(wall_path.read_text())) if wall_path.is_file() else 0.0
                 selected[task] += [f"seed {seed_value}, {s['name']}: {s.get('selected', 'last')} (step {s.get('best_step') or s['steps']} of {s['steps']})"
