@@ -15,6 +15,8 @@ interrupted run continues from its last trainer checkpoint; a finished one is ne
         --json recipes/results/glue_cpu_full.json
     # ... pairing each ablation with a rerun of its reference at the ablation's own commit where there is one
     python recipes/benchmark_ladder.py table ... --reruns runs/reruns   # <reruns>/<commit>/<row>/<task>
+    # the record of the finished runs (no models) into the committed layout, which `table --output` reads alike
+    python recipes/benchmark_ladder.py collect --output runs/ladder --into recipes/results/cpu_full/ladder [--row ...] [--task ...]
 
 Metrics are the dev metric x 100 that the binarized-BERT papers report: MRPC F1, STS-B Pearson,
 CoLA Matthews correlation, accuracy otherwise. Each student's number is its best dev epoch (the
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -38,7 +41,7 @@ import datasets
 import yaml
 
 from surge_nlp.glue import get_task, majority_class_metrics, resolve_dataset
-from surge_nlp.atomic import write_json_atomically
+from surge_nlp.atomic import atomic_write, write_json_atomically
 from surge_nlp.pipeline import finetune_teacher, run_glue
 from surge_nlp.recipe import Recipe, RecipeError, load_recipe, merge
 
@@ -248,6 +251,36 @@ def run_one(ladder: dict[str, Any], row_name: str, task: str, output: Path, teac
     with WallClock(run_dir / WALL):
         run_glue(row_recipe(ladder, row_name, task, seed), run_dir, teacher_path=str(teacher_dir(teachers, task)), resume=True)
     return json.loads((run_dir / RESULT).read_text())
+
+
+def collect(output: Path, into: Path, rows: list[str] | None = None, tasks: list[str] | None = None) -> list[Path]:
+    """Copy the record of every finished run under `output` (`<row>[@seed<N>]/<task>` with a results.json)
+    into the same place under `into`: results.json, wall.json, run.json, each stage's log as
+    `log_history_<stage>.jsonl` and the plots drawn from them. Models and checkpoints stay behind.
+    `rows`/`tasks` restrict it; each file is written atomically. Returns the run folders written.
+
+    >>> collect(Path("runs/ladder"), Path("recipes/results/cpu_full/ladder"), rows=["w1a4"])  # doctest: +SKIP
+    """
+    from surge_nlp.plots import plot_run
+
+    written = []
+    for run_dir in sorted(output.glob(f"*/*/{RESULT}")):
+        run_dir = run_dir.parent
+        row, task = run_dir.parent.name.split("@seed", 1)[0], run_dir.name
+        if (rows and row not in rows) or (tasks and task not in tasks):
+            continue
+        dest = into / run_dir.relative_to(output)
+        copies = {run_dir / name: dest / name for name in (RESULT, WALL, PROVENANCE) if (run_dir / name).is_file()}
+        for log in sorted(run_dir.glob("stages/*/log_history.jsonl")):
+            copies[log] = dest / f"log_history_{log.parent.name}.jsonl"
+        if any(source.name == "log_history.jsonl" for source in copies):
+            for plot in plot_run(run_dir):
+                copies[plot] = dest / "plots" / plot.name
+        for source, target in copies.items():
+            with atomic_write(target) as temporary:
+                shutil.copyfile(source, temporary)
+        written.append(dest)
+    return written
 
 
 def command(row_name: str, task: str, output: Path, teachers: Path, seed: int | None = None) -> str:
@@ -466,7 +499,7 @@ def plot_table(result: dict[str, Any], tasks: list[str], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["run", "table", "baseline"])
+    parser.add_argument("action", choices=["run", "table", "baseline", "collect"])
     parser.add_argument("--ladder", default=str(Path(__file__).with_name("ladder.yaml")))
     parser.add_argument("--output", default="runs/ladder")
     parser.add_argument("--teachers", default="runs/cpu-full")
@@ -476,24 +509,29 @@ def main(argv: list[str] | None = None) -> None:
                                                  "table: every seed run is averaged")
     parser.add_argument("--reruns", help="table: repeats of rows at other commits, <RERUNS>/<commit>/<row>/<task>; an "
                                          "ablation is compared with its reference at its own commit where there is one")
+    parser.add_argument("--into", help="collect: where the record of each finished run goes (the same <row>/<task> layout)")
     parser.add_argument("--json", help="table: also write the JSON here")
     parser.add_argument("--plot", help="table: also draw it as a bar chart (PNG) at this path")
     args = parser.parse_args(argv)
     try:
         ladder = load_ladder(args.ladder)
         output, teachers = Path(args.output), Path(args.teachers)
+        for name in args.row or []:
+            if name not in ladder["rows"]:
+                raise LadderError(f"--row {name!r} is not in {args.ladder}; rows: {', '.join(ladder['rows'])}")
         if args.action == "run":
-            rows = args.row or list(ladder["rows"])
-            for name in rows:
-                if name not in ladder["rows"]:
-                    raise LadderError(f"--row {name!r} is not in {args.ladder}; rows: {', '.join(ladder['rows'])}")
-            for name in rows:
+            for name in args.row or list(ladder["rows"]):
                 for task in row_tasks(ladder, name):
                     if args.task and task not in args.task:
                         continue
                     result = run_one(ladder, name, task, output, teachers, args.seed)
                     metric = reported_metric(task)
                     print(f"{name} {task}: {metric}={100 * result['stages'][-1]['metrics']['validation'][metric]:.2f}", flush=True)
+        elif args.action == "collect":
+            if not args.into:
+                raise LadderError("collect needs --into, the folder the runs' records go to (e.g. recipes/results/cpu_full/ladder)")
+            for dest in collect(output, Path(args.into), args.row, args.task):
+                print(f"collected {dest}")
         elif args.action == "baseline":
             for task in args.task or ladder["tasks"]:
                 metrics = ensure_baseline(task, teachers)["metrics"]["validation"]

@@ -703,6 +703,24 @@ def test_ladder_runs_resumably_and_tabulates(ladder_module, tmp_path, minilm_pat
     assert "| w1a1 | 1-1-1 |" in out and f"| majority class | - | {floor:.1f} |" in out
     ladder_module.main(["table", *argv, "--plot", str(tmp_path / "ladder.png")])
     assert (tmp_path / "ladder.png").stat().st_size > 5000
+    # collect: the record of each finished run (no models) in the same layout, which the table reads alike
+    collected = tmp_path / "collected"
+    ladder_module.main(["collect", *argv, "--into", str(collected), "--row", "w1a1_multistep"])
+    assert "collected" in capsys.readouterr().out and [p.name for p in collected.iterdir()] == ["w1a1_multistep"]
+    ladder_module.main(["collect", *argv, "--into", str(collected)])
+    files = {str(p.relative_to(collected / "w1a1_multistep" / "rte")) for p in (collected / "w1a1_multistep" / "rte").rglob("*")}
+    assert {"results.json", "wall.json", "run.json", "log_history_w1e1a2.jsonl", "log_history_w1e1a1.jsonl",
+            "plots/w1e1a2_loss.png", "plots/w1e1a1_loss.png"} <= files
+    assert not any(name.endswith(".safetensors") or name.startswith(("student", "stages")) or ".tmp" in name for name in files)
+    source = tmp_path / "runs" / "w1a1_multistep" / "rte" / "stages" / "w1e1a2" / "log_history.jsonl"
+    assert (collected / "w1a1_multistep" / "rte" / "log_history_w1e1a2.jsonl").read_bytes() == source.read_bytes()
+    ladder_module.main(["table", *argv, "--json", str(table_json)])
+    ladder_module.main(["table", *argv[:2], "--output", str(collected), *argv[4:], "--json", str(tmp_path / "collected.json")])
+    assert json.loads((tmp_path / "collected.json").read_text()) == json.loads(table_json.read_text())
+    with pytest.raises(SystemExit, match="collect needs --into"):
+        ladder_module.main(["collect", *argv])
+    with pytest.raises(SystemExit, match="--row 'nope' is not in"):
+        ladder_module.main(["collect", *argv, "--into", str(collected), "--row", "nope"])
     # A repeat with another seed: its own folder, its recipe's seed, averaged into the row.
     ladder_module.main(["run", *argv, "--row", "w1a1", "--seed", "7"])
     repeat = json.loads((tmp_path / "runs" / "w1a1@seed7" / "rte" / "results.json").read_text())
