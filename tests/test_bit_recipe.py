@@ -593,6 +593,11 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
     assert transfer.augmentation.other_tasks == ("mrpc",) and transfer.augmentation.copies == 0
     assert transfer.stages[0].training.max_steps == 8 * 360 and transfer.stages[0].training.eval_every == 360
     assert transfer.stages[0].quantization == ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0].quantization
+    # w1a1_bit_schedule: w1a1's student at BiT's STS-B schedule (batch 8, 20 epochs), evaluated every epoch
+    bit_schedule = ladder_module.row_recipe(ladder, "w1a1_bit_schedule", "stsb").stages[0]
+    assert (bit_schedule.training.batch_size, bit_schedule.training.num_epochs, bit_schedule.training.eval_every) == (8, 20, "epoch")
+    assert bit_schedule.quantization == ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0].quantization
+    assert ladder_module.row_tasks(ladder, "w1a1_bit_schedule") == ["stsb"]
     assert ladder_module.row_recipe(ladder, "w1a1", "stsb").max_seq_length is None  # the task's own length (128)
     w1a1 = ladder_module.row_recipe(ladder, "w1a1", "stsb").stages[0]
     assert w1a1.training.shift_lr == w1a1.training.learning_rate and w1a1.quantization.embedding_bits == 1
