@@ -271,9 +271,10 @@ def collect(output: Path, into: Path, rows: list[str] | None = None, tasks: list
             continue
         dest = into / run_dir.relative_to(output)
         copies = {run_dir / name: dest / name for name in (RESULT, WALL, PROVENANCE) if (run_dir / name).is_file()}
-        for log in sorted(run_dir.glob("stages/*/log_history.jsonl")):
+        logs = sorted(run_dir.glob("stages/*/log_history.jsonl"))
+        for log in logs:
             copies[log] = dest / f"log_history_{log.parent.name}.jsonl"
-        if any(source.name == "log_history.jsonl" for source in copies):
+        if logs:  # plot_run refuses a run without logs
             for plot in plot_run(run_dir):
                 copies[plot] = dest / "plots" / plot.name
         for source, target in copies.items():
@@ -525,8 +526,7 @@ def main(argv: list[str] | None = None) -> None:
                     if args.task and task not in args.task:
                         continue
                     result = run_one(ladder, name, task, output, teachers, args.seed)
-                    metric = reported_metric(task)
-                    print(f"{name} {task}: {metric}={100 * result['stages'][-1]['metrics']['validation'][metric]:.2f}", flush=True)
+                    print(f"{name} {task}: {reported_metric(task)}={reported_value(result['stages'][-1], task):.2f}", flush=True)
         elif args.action == "collect":
             if not args.into:
                 raise LadderError("collect needs --into, the folder the runs' records go to (e.g. recipes/results/cpu_full/ladder)")
@@ -534,8 +534,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"collected {dest}")
         elif args.action == "baseline":
             for task in args.task or ladder["tasks"]:
-                metrics = ensure_baseline(task, teachers)["metrics"]["validation"]
-                print(f"majority class {task}: {reported_metric(task)}={100 * metrics[reported_metric(task)]:.2f}")
+                print(f"majority class {task}: {reported_metric(task)}={reported_value(ensure_baseline(task, teachers), task):.2f}")
         else:
             result = table(ladder, output, teachers, Path(args.reruns) if args.reruns else None)
             in_ablations = ablation_rows(ladder)
