@@ -183,10 +183,20 @@ def run_dir_of(output: Path, row_name: str, task: str, seed: int | None = None) 
     return output / (row_name if seed is None else f"{row_name}@seed{seed}") / task
 
 
+def row_and_seed(folder_name: str) -> tuple[str, int | None]:
+    """The inverse of `run_dir_of`'s row folder: `"w1a1@seed7"` -> `("w1a1", 7)`, `"w1a1"` -> `("w1a1", None)`.
+
+    >>> row_and_seed("w1a1@seed7"), row_and_seed("w1a1")
+    (('w1a1', 7), ('w1a1', None))
+    """
+    row, _, seed = folder_name.partition("@seed")
+    return row, int(seed) if seed.isdigit() else None
+
+
 def seeds_run(output: Path, row_name: str, task: str) -> list[tuple[int | None, Path]]:
     """The finished runs of (row, task): the recipe's seed first, then the repeats by seed."""
-    repeats = sorted((int(path.name.rsplit("@seed", 1)[1]), path / task) for path in output.glob(f"{row_name}@seed*")
-                     if path.name.rsplit("@seed", 1)[1].isdigit())
+    repeats = sorted((seed, path / task) for path in output.glob(f"{row_name}@seed*")
+                     for row, seed in [row_and_seed(path.name)] if row == row_name and seed is not None)
     return [(seed, path) for seed, path in [(None, output / row_name / task), *repeats] if (path / RESULT).is_file()]
 
 
@@ -266,7 +276,7 @@ def collect(output: Path, into: Path, rows: list[str] | None = None, tasks: list
     written = []
     for run_dir in sorted(output.glob(f"*/*/{RESULT}")):
         run_dir = run_dir.parent
-        row, task = run_dir.parent.name.split("@seed", 1)[0], run_dir.name
+        row, task = row_and_seed(run_dir.parent.name)[0], run_dir.name
         if (rows and row not in rows) or (tasks and task not in tasks):
             continue
         dest = into / run_dir.relative_to(output)

@@ -868,3 +868,12 @@ def test_reruns_take_their_commit_from_run_json_and_stay_out_of_the_row(ladder_m
                                                                                (42, None, 7.0), (42, None, 9.0)]
     assert ladder_module.reruns_of(tmp_path, "off", "stsb") == [] and ladder_module.reruns_of(None, "on", "stsb") == []
     assert ladder_module.run_commit([]) is None and ladder_module.run_commit([{"commit": "a"}, {"commit": "a"}]) == "a"
+
+
+def test_row_folder_names_parse_back_to_row_and_seed(ladder_module, tmp_path):
+    for row, seed in [("w1a1", None), ("w1a1", 7), ("w1a1_multistep", 0)]:
+        assert ladder_module.row_and_seed(ladder_module.run_dir_of(tmp_path, row, "stsb", seed).parent.name) == (row, seed)
+    for folder in ["on", "on@seed3", "on@seedx", "on_more@seed4"]:  # a malformed seed and another row are not repeats of "on"
+        (tmp_path / folder / "stsb").mkdir(parents=True)
+        (tmp_path / folder / "stsb" / "results.json").write_text("{}")
+    assert [seed for seed, _ in ladder_module.seeds_run(tmp_path, "on", "stsb")] == [None, 3]
