@@ -193,6 +193,23 @@ def row_and_seed(folder_name: str) -> tuple[str, int | None]:
     return row, int(seed) if seed.isdigit() else None
 
 
+def last_eval_value(run_dir: Path, stage: dict[str, Any], task: str) -> float | None:
+    """The task's dev metric x 100 at the stage's last step, whichever checkpoint it kept: from the
+    stage's log (`stages/<name>/log_history.jsonl` of a run, `log_history_<name>.jsonl` once collected),
+    else the stage's own metric when it kept the last weights; None when neither says.
+
+    A kept best epoch is the maximum of a noisy dev curve and reads high on small dev sets; this is
+    the number without that selection."""
+    key = f"eval/{reported_metric(task)}"
+    for log in (run_dir / "stages" / stage["name"] / "log_history.jsonl", run_dir / f"log_history_{stage['name']}.jsonl"):
+        if log.is_file():
+            records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            evals = [record for record in records if key in record]
+            if evals and evals[-1]["step"] == stage["steps"]:
+                return 100 * evals[-1][key]
+    return reported_value(stage, task) if stage.get("selected", "last") == "last" else None
+
+
 def seeds_run(output: Path, row_name: str, task: str) -> list[tuple[int | None, Path]]:
     """The finished runs of (row, task): the recipe's seed first, then the repeats by seed."""
     repeats = sorted((seed, path / task) for path in output.glob(f"{row_name}@seed*")
@@ -350,6 +367,7 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path, reruns: Path | N
     rows = []
     for name in ladder["rows"]:  # the ladder's rows and the ablation rows alike; split by `markdown`
         metrics, per_seed, walls, selected, schedule, commands, commits, bits, multistep = {}, {}, {}, {}, {}, {}, {}, None, False
+        metrics_last, last_by_seed = {}, {}
         recipe, commit_by_seed = None, {}
         for task in row_tasks(ladder, name):
             runs = seeds_run(output, name, task)
@@ -357,11 +375,13 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path, reruns: Path | N
                 continue
             recipe = row_recipe(ladder, name, task)
             per_seed[task], walls[task], selected[task], commands[task], commit_by_seed[task] = {}, 0.0, [], [], {}
+            last_by_seed[task] = {}
             for seed, run_dir in runs:
                 result = json.loads((run_dir / RESULT).read_text())
                 last = result["stages"][-1]
                 seed_value = seed if seed is not None else recipe.stages[-1].training.seed
                 per_seed[task][seed_value] = reported_value(last, task)
+                last_by_seed[task][seed_value] = last_eval_value(run_dir, last, task)
                 wall_path = run_dir / WALL
                 walls[task] += sum(json.loads(wall_path.read_text())) if wall_path.is_file() else 0.0
                 selected[task] += [f"seed {seed_value}, {s['name']}: {s.get('selected', 'last')} (step {s.get('best_step') or s['steps']} of {s['steps']})"
@@ -373,12 +393,15 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path, reruns: Path | N
                 commit_by_seed[task][seed_value] = run_commit(calls)
                 bits, multistep = last["bits"], len(result["stages"]) > 1
             metrics[task] = sum(per_seed[task].values()) / len(per_seed[task])  # the mean over the seeds run
+            if None not in last_by_seed[task].values():
+                metrics_last[task] = sum(last_by_seed[task].values()) / len(last_by_seed[task])
         if not metrics:
             continue
         rows.append({
             "name": name, "bits": bits, "activation_bits": recipe.stages[-1].quantization.activation_bits,
             "multistep": multistep, "stages": [s.name for s in recipe.stages],
             "quantization": recipe.stages[-1].quantization.to_dict(), "metrics": metrics, "metrics_by_seed": per_seed,
+            "metrics_last": metrics_last,
             "wall_s": walls, "selected": selected, "schedule": schedule,
             "seed": sorted({seed for values in per_seed.values() for seed in values}),
             "command": {task: " ; ".join(lines) for task, lines in commands.items()},
@@ -468,20 +491,22 @@ def _commit_pairs(ablation: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any], tasks: list[str]) -> str:
-    head = "| row | W-E-A | " + " | ".join(f"{t} ({result['metric'][t]})" for t in tasks) + " | avg | % of teacher | wall (min) |"
-    lines = [head, "|" + "---|" * (len(tasks) + 5)]
+    # "at last eval": the same average from each run's last evaluation, free of the best-epoch selection
+    head = ("| row | W-E-A | " + " | ".join(f"{t} ({result['metric'][t]})" for t in tasks)
+            + " | avg | % of teacher | avg at last eval (% of teacher) | wall (min) |")
+    lines = [head, "|" + "---|" * (len(tasks) + 6)]
     teacher = result["teacher"]
     done = [t for t in tasks if t in teacher]
     t_avg = _average(teacher, tasks)
     avg_cell = f"{t_avg:.1f}" if t_avg is not None else (f"({_average(teacher, done):.1f} over {len(done)})" if done else "")
     walls = [w for w in result["teacher_wall_s"].values() if w]
     lines.append("| FP teacher | 32-32-32 | " + " | ".join(f"{teacher[t]:.1f}" if t in teacher else "" for t in tasks)
-                 + f" | {avg_cell} | 100% | {sum(walls) / 60:.0f} |")
+                 + f" | {avg_cell} | 100% | {avg_cell} (100%) | {sum(walls) / 60:.0f} |")  # the teacher keeps its last weights
     baseline = result.get("majority_class") or {}
     if baseline:  # the floor: a model that predicts the most frequent training label for everything
         b_avg = _average(baseline, tasks)
         lines.append("| majority class | - | " + " | ".join(f"{baseline[t]:.1f}" if t in baseline else "" for t in tasks)
-                     + f" | {f'{b_avg:.1f}' if b_avg is not None else ''} |  |  |")
+                     + f" | {f'{b_avg:.1f}' if b_avg is not None else ''} |  |  |  |")
     for row in result["rows"]:
         m = row["metrics"]
         avg = _average(m, tasks)
@@ -492,7 +517,13 @@ def markdown(result: dict[str, Any], tasks: list[str]) -> str:
         wall = sum(w for w in row["wall_s"].values() if w) / 60
         cells = " | ".join(f"{m[t]:.1f}" if t in m else "" for t in tasks)
         avg_cell = f"{avg:.1f}" if avg is not None else f"({partial:.1f} over {len(done)})"
-        lines.append(f"| {row['name']} | {row['bits']} | {cells} | {avg_cell} | {pct} | {wall:.0f} |")
+        last = row.get("metrics_last", {})
+        last_cell = ""
+        if done and all(t in last for t in done):
+            last_avg = _average(last, done)
+            last_cell = (f"{last_avg:.1f}" if avg is not None else f"({last_avg:.1f} over {len(done)})") + (
+                f" ({100 * last_avg / teacher_avg:.0f}%)" if teacher_avg else "")
+        lines.append(f"| {row['name']} | {row['bits']} | {cells} | {avg_cell} | {pct} | {last_cell} | {wall:.0f} |")
     return "\n".join(lines)
 
 

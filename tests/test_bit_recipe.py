@@ -692,6 +692,12 @@ def test_ladder_runs_resumably_and_tabulates(ladder_module, tmp_path, minilm_pat
     assert rows["w1a1"]["bits"] == "1-1-1" and rows["w1a1"]["activation_bits"] == 1 and not rows["w1a1"]["multistep"]
     assert rows["w1a1"]["metrics"]["rte"] == pytest.approx(100 * first["stages"][-1]["metrics"]["validation"]["accuracy"])
     assert rows["w1a1_multistep"]["multistep"] and rows["w1a1_multistep"]["stages"] == ["w1e1a2", "w1e1a1"]
+    # the selection-free number: the last evaluation in the final stage's log, at its last step
+    final = first["stages"][-1]
+    log = tmp_path / "runs" / "w1a1" / "rte" / "stages" / final["name"] / "log_history.jsonl"
+    evals = [r for r in map(json.loads, log.read_text().splitlines()) if "eval/accuracy" in r]
+    assert evals[-1]["step"] == final["steps"] and len(evals) == 2  # eval_every: epoch, 2 epochs
+    assert rows["w1a1"]["metrics_last"]["rte"] == pytest.approx(100 * evals[-1]["eval/accuracy"])
     assert rows["w1a1"]["wall_s"]["rte"] > 0 and "--row w1a1 --task rte" in rows["w1a1"]["command"]["rte"]
     # run.json: one call per `run` that worked on it (the second `run` found it finished and added none)
     calls = json.loads((tmp_path / "runs" / "w1a1" / "rte" / "run.json").read_text())["calls"]
@@ -877,3 +883,24 @@ def test_row_folder_names_parse_back_to_row_and_seed(ladder_module, tmp_path):
         (tmp_path / folder / "stsb").mkdir(parents=True)
         (tmp_path / folder / "stsb" / "results.json").write_text("{}")
     assert [seed for seed, _ in ladder_module.seeds_run(tmp_path, "on", "stsb")] == [None, 3]
+
+
+def test_last_eval_value_reads_the_final_evaluation_not_the_kept_best(ladder_module, tmp_path):
+    stage = {"name": "w1e1a1", "steps": 30, "selected": "best", "best_step": 10,
+             "metrics": {"validation": {"accuracy": 0.6, "f1": 0.8}}}
+    records = [{"step": 5, "loss": 1.0}, {"step": 10, "eval/f1": 0.8, "eval/accuracy": 0.6},
+               {"step": 30, "eval/f1": 0.7, "eval/accuracy": 0.55}]
+    run = tmp_path / "run"
+    (run / "stages" / "w1e1a1").mkdir(parents=True)
+    (run / "stages" / "w1e1a1" / "log_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert ladder_module.last_eval_value(run, stage, "mrpc") == pytest.approx(70.0)  # MRPC reports F1
+    assert ladder_module.last_eval_value(run, stage, "rte") == pytest.approx(55.0)
+    collected = tmp_path / "collected"  # the layout `collect` writes
+    collected.mkdir()
+    (collected / "log_history_w1e1a1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert ladder_module.last_eval_value(collected, stage, "mrpc") == pytest.approx(70.0)
+    # a log whose last evaluation is not at the stage's last step says nothing; the kept best is not the last
+    (collected / "log_history_w1e1a1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    assert ladder_module.last_eval_value(collected, stage, "mrpc") is None
+    assert ladder_module.last_eval_value(tmp_path / "none", stage, "mrpc") is None
+    assert ladder_module.last_eval_value(tmp_path / "none", {**stage, "selected": "last"}, "mrpc") == pytest.approx(80.0)
