@@ -130,8 +130,7 @@ def _train_stage(model: nn.Module, config: TrainingConfig, data: GlueData, token
     info: dict[str, Any] = {"steps": result.steps, "wall_time_s": time.perf_counter() - started, "seed": config.seed,
                             "selected": result.selected, "best_step": result.best_step}
     if eval_loader is not None:
-        info["eval_history"] = [{"step": record["step"], task.main_metric: record[task.main_metric]}
-                                for record in result.eval_history]
+        info["eval_history"] = result.eval_history  # every dev metric (and the loss) at each evaluation
     return info
 
 

@@ -513,6 +513,9 @@ def test_cpu_full_runs_end_to_end_on_a_tiny_slice(tmp_path, minilm_path, glue_mi
     best = max(stage["eval_history"], key=lambda r: r["combined_score"])
     assert stage["best_step"] == best["step"]
     assert stage["metrics"]["validation"]["combined_score"] == pytest.approx(best["combined_score"], abs=1e-6)
+    # the dev curve carries every metric the table reports (Pearson, not only the selection's combined score)
+    assert all({"pearson", "spearmanr", "combined_score", "loss"} <= set(r) for r in stage["eval_history"])
+    assert stage["metrics"]["validation"]["pearson"] == pytest.approx(best["pearson"], abs=1e-6)
     student_config = json.loads((tmp_path / "out" / "student" / "config.json").read_text())
     config = student_config["quantization_config"]
     assert config["ffn_activation"] == "relu" and config["checkpoint_format"] == "packed"
