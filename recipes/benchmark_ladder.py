@@ -19,8 +19,9 @@ interrupted run continues from its last trainer checkpoint; a finished one is ne
     python recipes/benchmark_ladder.py collect --output runs/ladder --into recipes/results/cpu_full/ladder [--row ...] [--task ...]
 
 Metrics are the dev metric x 100 that the binarized-BERT papers report: MRPC F1, STS-B Pearson,
-CoLA Matthews correlation, accuracy otherwise. Each student's number is its best dev epoch (the
-pipeline keeps it; `selected` says "best" or "last").
+CoLA Matthews correlation, accuracy otherwise. Each student's number is its best dev evaluation (the
+pipeline keeps it; `selected` says "best" or "last"); `metrics_last` and the "avg at last eval" column
+give the same from each run's last evaluation, without that selection.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -43,6 +45,7 @@ import yaml
 from surge_nlp.glue import get_task, majority_class_metrics, resolve_dataset
 from surge_nlp.atomic import atomic_write, write_json_atomically
 from surge_nlp.pipeline import finetune_teacher, run_glue
+from surge_nlp.plots import plot_run, read_log
 from surge_nlp.recipe import Recipe, RecipeError, load_recipe, merge
 
 LADDER_KEYS = ("profiles", "tasks", "rows", "ablations")
@@ -190,24 +193,28 @@ def row_and_seed(folder_name: str) -> tuple[str, int | None]:
     (('w1a1', 7), ('w1a1', None))
     """
     row, _, seed = folder_name.partition("@seed")
-    return row, int(seed) if seed.isdigit() else None
+    return row, int(seed) if re.fullmatch(r"-?[0-9]+", seed) else None
 
 
 def last_eval_value(run_dir: Path, stage: dict[str, Any], task: str) -> float | None:
-    """The task's dev metric x 100 at the stage's last step, whichever checkpoint it kept: from the
-    stage's log (`stages/<name>/log_history.jsonl` of a run, `log_history_<name>.jsonl` once collected),
-    else the stage's own metric when it kept the last weights; None when neither says.
+    """The task's dev metric x 100 at the stage's last step, whichever checkpoint it kept; None when
+    nothing recorded says. Read from, in turn: the stage's own metric when it kept the last weights
+    (or its best was the last step), its `eval_history` (runs since 398ed7a keep every metric there),
+    its log (`stages/<name>/log_history.jsonl` of a run, `log_history_<name>.jsonl` once collected).
 
-    A kept best epoch is the maximum of a noisy dev curve and reads high on small dev sets; this is
-    the number without that selection."""
-    key = f"eval/{reported_metric(task)}"
-    for log in (run_dir / "stages" / stage["name"] / "log_history.jsonl", run_dir / f"log_history_{stage['name']}.jsonl"):
-        if log.is_file():
-            records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-            evals = [record for record in records if key in record]
-            if evals and evals[-1]["step"] == stage["steps"]:
-                return 100 * evals[-1][key]
-    return reported_value(stage, task) if stage.get("selected", "last") == "last" else None
+    A kept best is the maximum of a noisy dev curve and reads high where the curve falls after its
+    peak; this is the number without that selection. For a multi-stage run it is the last stage's:
+    an earlier stage's kept best still chose where the last one started."""
+    if stage.get("selected", "last") == "last" or stage.get("best_step") == stage["steps"]:
+        return reported_value(stage, task)
+    metric = reported_metric(task)
+    logs = [run_dir / "stages" / stage["name"] / "log_history.jsonl", run_dir / f"log_history_{stage['name']}.jsonl"]
+    sources = [(stage.get("eval_history") or [], metric)] + [(read_log(log), f"eval/{metric}") for log in logs if log.is_file()]
+    for records, key in sources:
+        evals = [record for record in records if key in record]
+        if evals and evals[-1]["step"] == stage["steps"]:
+            return 100 * evals[-1][key]
+    return None
 
 
 def seeds_run(output: Path, row_name: str, task: str) -> list[tuple[int | None, Path]]:
@@ -288,8 +295,6 @@ def collect(output: Path, into: Path, rows: list[str] | None = None, tasks: list
 
     >>> collect(Path("runs/ladder"), Path("recipes/results/cpu_full/ladder"), rows=["w1a4"])  # doctest: +SKIP
     """
-    from surge_nlp.plots import plot_run
-
     written = []
     for run_dir in sorted(output.glob(f"*/*/{RESULT}")):
         run_dir = run_dir.parent
@@ -354,12 +359,14 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path, reruns: Path | N
     `reruns_of`): they are not averaged into the row; `ablation_table` pairs a run with them by commit."""
     teacher: dict[str, float] = {}
     teacher_walls: dict[str, float] = {}
+    teacher_last: dict[str, float | None] = {}
     baseline: dict[str, float] = {}
     for task in ladder["tasks"]:
         path = teacher_dir(teachers, task) / "teacher_metrics.json"
         if path.is_file():
             info = json.loads(path.read_text())
             teacher[task] = reported_value(info, task)
+            teacher_last[task] = last_eval_value(path.parent, {"name": "teacher", **info}, task)
             teacher_walls[task] = info.get("wall_time_s")
         path = baseline_path(teachers, task)
         if path.is_file():
@@ -393,8 +400,9 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path, reruns: Path | N
                 commit_by_seed[task][seed_value] = run_commit(calls)
                 bits, multistep = last["bits"], len(result["stages"]) > 1
             metrics[task] = sum(per_seed[task].values()) / len(per_seed[task])  # the mean over the seeds run
-            if None not in last_by_seed[task].values():
-                metrics_last[task] = sum(last_by_seed[task].values()) / len(last_by_seed[task])
+            # None where a seed's run has no last evaluation on record (the mean would be another seeds' mean)
+            values = list(last_by_seed[task].values())
+            metrics_last[task] = None if None in values else sum(values) / len(values)
         if not metrics:
             continue
         rows.append({
@@ -409,7 +417,7 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path, reruns: Path | N
             "reruns": {task: found for task in metrics if (found := reruns_of(reruns, name, task))},
         })
     return {"protocol": "cpu-full", "profiles": ladder["profiles"], "metric": {t: reported_metric(t) for t in ladder["tasks"]},
-            "teacher": teacher, "teacher_wall_s": teacher_walls, "majority_class": baseline, "rows": rows}
+            "teacher": teacher, "teacher_last": teacher_last, "teacher_wall_s": teacher_walls, "majority_class": baseline, "rows": rows}
 
 
 def _average(values: dict[str, float], tasks: list[str]) -> float | None:
@@ -501,7 +509,7 @@ def markdown(result: dict[str, Any], tasks: list[str]) -> str:
     avg_cell = f"{t_avg:.1f}" if t_avg is not None else (f"({_average(teacher, done):.1f} over {len(done)})" if done else "")
     walls = [w for w in result["teacher_wall_s"].values() if w]
     lines.append("| FP teacher | 32-32-32 | " + " | ".join(f"{teacher[t]:.1f}" if t in teacher else "" for t in tasks)
-                 + f" | {avg_cell} | 100% | {avg_cell} (100%) | {sum(walls) / 60:.0f} |")  # the teacher keeps its last weights
+                 + f" | {avg_cell} | 100% | {_last_cell(result.get('teacher_last', {}), tasks, teacher)} | {sum(walls) / 60:.0f} |")
     baseline = result.get("majority_class") or {}
     if baseline:  # the floor: a model that predicts the most frequent training label for everything
         b_avg = _average(baseline, tasks)
@@ -517,14 +525,21 @@ def markdown(result: dict[str, Any], tasks: list[str]) -> str:
         wall = sum(w for w in row["wall_s"].values() if w) / 60
         cells = " | ".join(f"{m[t]:.1f}" if t in m else "" for t in tasks)
         avg_cell = f"{avg:.1f}" if avg is not None else f"({partial:.1f} over {len(done)})"
-        last = row.get("metrics_last", {})
-        last_cell = ""
-        if done and all(t in last for t in done):
-            last_avg = _average(last, done)
-            last_cell = (f"{last_avg:.1f}" if avg is not None else f"({last_avg:.1f} over {len(done)})") + (
-                f" ({100 * last_avg / teacher_avg:.0f}%)" if teacher_avg else "")
+        last_cell = _last_cell(row.get("metrics_last", {}), tasks, teacher)
         lines.append(f"| {row['name']} | {row['bits']} | {cells} | {avg_cell} | {pct} | {last_cell} | {wall:.0f} |")
     return "\n".join(lines)
+
+
+def _last_cell(last: dict[str, float | None], tasks: list[str], teacher: dict[str, float]) -> str:
+    """The "avg at last eval (% of teacher)" cell over `tasks`; "n/a" when a run has no last evaluation on record."""
+    done = [t for t in tasks if t in last]
+    if not done:
+        return ""
+    if any(last[t] is None for t in done):
+        return "n/a"
+    value, teacher_avg = _average(last, done), _average(teacher, done)
+    cell = f"{value:.1f}" if len(done) == len(tasks) else f"({value:.1f} over {len(done)})"
+    return cell + (f" ({100 * value / teacher_avg:.0f}%)" if teacher_avg else "")
 
 
 def plot_table(result: dict[str, Any], tasks: list[str], path: Path) -> Path:

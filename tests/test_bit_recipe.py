@@ -880,9 +880,9 @@ def test_reruns_take_their_commit_from_run_json_and_stay_out_of_the_row(ladder_m
 
 
 def test_row_folder_names_parse_back_to_row_and_seed(ladder_module, tmp_path):
-    for row, seed in [("w1a1", None), ("w1a1", 7), ("w1a1_multistep", 0)]:
+    for row, seed in [("w1a1", None), ("w1a1", 7), ("w1a1_multistep", 0), ("w1a1", -1)]:
         assert ladder_module.row_and_seed(ladder_module.run_dir_of(tmp_path, row, "stsb", seed).parent.name) == (row, seed)
-    for folder in ["on", "on@seed3", "on@seedx", "on_more@seed4"]:  # a malformed seed and another row are not repeats of "on"
+    for folder in ["on", "on@seed3", "on@seedx", "on@seed²", "on_more@seed4"]:  # malformed seeds and another row are not repeats of "on"
         (tmp_path / folder / "stsb").mkdir(parents=True)
         (tmp_path / folder / "stsb" / "results.json").write_text("{}")
     assert [seed for seed, _ in ladder_module.seeds_run(tmp_path, "on", "stsb")] == [None, 3]
@@ -907,3 +907,42 @@ def test_last_eval_value_reads_the_final_evaluation_not_the_kept_best(ladder_mod
     assert ladder_module.last_eval_value(collected, stage, "mrpc") is None
     assert ladder_module.last_eval_value(tmp_path / "none", stage, "mrpc") is None
     assert ladder_module.last_eval_value(tmp_path / "none", {**stage, "selected": "last"}, "mrpc") == pytest.approx(80.0)
+
+
+def test_table_gives_the_average_at_the_last_eval_beside_the_kept_best(ladder_module, tmp_path):
+    """Hand-made runs where the kept best is not the last evaluation: two seeds averaged, the
+    markdown column, a run with no last evaluation on record marked n/a, the teacher's own cell."""
+    ladder = ladder_module.load_ladder(REPO / "recipes" / "ladder.yaml")
+    ladder = {**ladder, "tasks": ["rte", "mrpc"]}
+    teachers, output = tmp_path / "teachers", tmp_path / "runs"
+    for task, metrics in [("rte", {"accuracy": 0.56}), ("mrpc", {"f1": 0.85, "accuracy": 0.78})]:
+        (teachers / task / "teacher").mkdir(parents=True)
+        (teachers / task / "teacher" / "teacher_metrics.json").write_text(json.dumps(
+            {"steps": 10, "selected": "last", "best_step": None, "metrics": {"validation": metrics}}))
+
+    def finished(folder, task, best, last, logged=True):
+        run = output / folder / task
+        run.mkdir(parents=True)
+        key = ladder_module.reported_metric(task)
+        stage = {"name": "w1e1a1", "steps": 20, "seed": 42, "bits": "1-1-1", "selected": "best", "best_step": 10,
+                 "metrics": {"validation": {key: best}}}
+        (run / "results.json").write_text(json.dumps({"stages": [stage]}))
+        if logged:
+            (run / "log_history_w1e1a1.jsonl").write_text(
+                json.dumps({"step": 10, f"eval/{key}": best}) + "\n" + json.dumps({"step": 20, f"eval/{key}": last}) + "\n")
+
+    finished("w1a1", "rte", 0.56, 0.50)
+    finished("w1a1@seed7", "rte", 0.54, 0.52)
+    finished("w1a4", "rte", 0.58, 0.51)
+    finished("w1a4", "mrpc", 0.84, 0.80, logged=False)
+    result = ladder_module.table(ladder, output, teachers)
+    rows = {row["name"]: row for row in result["rows"]}
+    assert rows["w1a1"]["metrics"]["rte"] == pytest.approx(55.0) and rows["w1a1"]["metrics_last"]["rte"] == pytest.approx(51.0)
+    assert rows["w1a4"]["metrics_last"] == {"rte": pytest.approx(51.0), "mrpc": None}
+    assert result["teacher_last"] == {"rte": pytest.approx(56.0), "mrpc": pytest.approx(85.0)}
+    lines = {line.split(" | ")[0]: line.split(" | ") for line in ladder_module.markdown(result, ["rte", "mrpc"]).splitlines()}
+    head = lines["| row"]
+    column = head.index("avg at last eval (% of teacher)")
+    assert lines["| FP teacher"][column] == "70.5 (100%)"
+    assert lines["| w1a1"][column] == "(51.0 over 1) (91%)"  # RTE only: 51.0 against the teacher's 56.0
+    assert lines["| w1a4"][column] == "n/a"
