@@ -504,12 +504,9 @@ def markdown(result: dict[str, Any], tasks: list[str]) -> str:
             + " | avg | % of teacher | avg at last eval (% of teacher) | wall (min) |")
     lines = [head, "|" + "---|" * (len(tasks) + 6)]
     teacher = result["teacher"]
-    done = [t for t in tasks if t in teacher]
-    t_avg = _average(teacher, tasks)
-    avg_cell = f"{t_avg:.1f}" if t_avg is not None else (f"({_average(teacher, done):.1f} over {len(done)})" if done else "")
     walls = [w for w in result["teacher_wall_s"].values() if w]
     lines.append("| FP teacher | 32-32-32 | " + " | ".join(f"{teacher[t]:.1f}" if t in teacher else "" for t in tasks)
-                 + f" | {avg_cell} | 100% | {_last_cell(result.get('teacher_last', {}), tasks, teacher)} | {sum(walls) / 60:.0f} |")
+                 + f" | {_avg_cell(teacher, tasks)} | 100% | {_last_cell(result.get('teacher_last', {}), tasks, teacher)} | {sum(walls) / 60:.0f} |")
     baseline = result.get("majority_class") or {}
     if baseline:  # the floor: a model that predicts the most frequent training label for everything
         b_avg = _average(baseline, tasks)
@@ -517,29 +514,33 @@ def markdown(result: dict[str, Any], tasks: list[str]) -> str:
                      + f" | {f'{b_avg:.1f}' if b_avg is not None else ''} |  |  |  |")
     for row in result["rows"]:
         m = row["metrics"]
-        avg = _average(m, tasks)
         done = [t for t in tasks if t in m]
         partial = _average(m, done)
         teacher_avg = _average(teacher, done)
         pct = f"{100 * partial / teacher_avg:.0f}%" if teacher_avg else ""
         wall = sum(w for w in row["wall_s"].values() if w) / 60
         cells = " | ".join(f"{m[t]:.1f}" if t in m else "" for t in tasks)
-        avg_cell = f"{avg:.1f}" if avg is not None else f"({partial:.1f} over {len(done)})"
         last_cell = _last_cell(row.get("metrics_last", {}), tasks, teacher)
-        lines.append(f"| {row['name']} | {row['bits']} | {cells} | {avg_cell} | {pct} | {last_cell} | {wall:.0f} |")
+        lines.append(f"| {row['name']} | {row['bits']} | {cells} | {_avg_cell(m, tasks)} | {pct} | {last_cell} | {wall:.0f} |")
     return "\n".join(lines)
+
+
+def _avg_cell(values: dict[str, float], tasks: list[str]) -> str:
+    """An average cell: over all `tasks`, "(x over n)" over the n of them done so far, "" over none."""
+    done = [t for t in tasks if t in values]
+    if not done:
+        return ""
+    value = _average(values, done)
+    return f"{value:.1f}" if len(done) == len(tasks) else f"({value:.1f} over {len(done)})"
 
 
 def _last_cell(last: dict[str, float | None], tasks: list[str], teacher: dict[str, float]) -> str:
     """The "avg at last eval (% of teacher)" cell over `tasks`; "n/a" when a run has no last evaluation on record."""
     done = [t for t in tasks if t in last]
-    if not done:
-        return ""
     if any(last[t] is None for t in done):
         return "n/a"
-    value, teacher_avg = _average(last, done), _average(teacher, done)
-    cell = f"{value:.1f}" if len(done) == len(tasks) else f"({value:.1f} over {len(done)})"
-    return cell + (f" ({100 * value / teacher_avg:.0f}%)" if teacher_avg else "")
+    teacher_avg = _average(teacher, done)
+    return _avg_cell(last, tasks) + (f" ({100 * _average(last, done) / teacher_avg:.0f}%)" if done and teacher_avg else "")
 
 
 def plot_table(result: dict[str, Any], tasks: list[str], path: Path) -> Path:
