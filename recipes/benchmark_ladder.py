@@ -200,7 +200,8 @@ def last_eval_value(run_dir: Path, stage: dict[str, Any], task: str) -> float | 
     """The task's dev metric x 100 at the stage's last step, whichever checkpoint it kept; None when
     nothing recorded says. Read from, in turn: the stage's own metric when it kept the last weights
     (or its best was the last step), its `eval_history` (runs since 398ed7a keep every metric there),
-    its log (`stages/<name>/log_history.jsonl` of a run, `log_history_<name>.jsonl` once collected).
+    its log (`stages/<name>/log_history.jsonl` of a run, `log_history_<name>.jsonl` once collected;
+    a teacher's record has no stage name and no such log).
 
     A kept best is the maximum of a noisy dev curve and reads high where the curve falls after its
     peak; this is the number without that selection. For a multi-stage run it is the last stage's:
@@ -208,7 +209,9 @@ def last_eval_value(run_dir: Path, stage: dict[str, Any], task: str) -> float | 
     if stage.get("selected", "last") == "last" or stage.get("best_step") == stage["steps"]:
         return reported_value(stage, task)
     metric = reported_metric(task)
-    logs = [run_dir / "stages" / stage["name"] / "log_history.jsonl", run_dir / f"log_history_{stage['name']}.jsonl"]
+    # a student's stage has a name and a log under it; a teacher's record (no name) has neither
+    name = stage.get("name")
+    logs = [run_dir / "stages" / name / "log_history.jsonl", run_dir / f"log_history_{name}.jsonl"] if name else []
     sources = [(stage.get("eval_history") or [], metric)] + [(read_log(log), f"eval/{metric}") for log in logs if log.is_file()]
     for records, key in sources:
         evals = [record for record in records if key in record]
@@ -366,7 +369,7 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path, reruns: Path | N
         if path.is_file():
             info = json.loads(path.read_text())
             teacher[task] = reported_value(info, task)
-            teacher_last[task] = last_eval_value(path.parent, {"name": "teacher", **info}, task)
+            teacher_last[task] = last_eval_value(path.parent, info, task)
             teacher_walls[task] = info.get("wall_time_s")
         path = baseline_path(teachers, task)
         if path.is_file():

@@ -888,6 +888,14 @@ def test_row_folder_names_parse_back_to_row_and_seed(ladder_module, tmp_path):
     assert [seed for seed, _ in ladder_module.seeds_run(tmp_path, "on", "stsb")] == [None, 3]
 
 
+def test_ladder_runner_docstring_examples_run(ladder_module):
+    # pytest collects doctests under surge_nlp/ only; the recipes' runner is checked here
+    import doctest
+
+    outcome = doctest.testmod(ladder_module)
+    assert outcome.attempted > 0 and outcome.failed == 0
+
+
 def test_last_eval_value_reads_the_final_evaluation_not_the_kept_best(ladder_module, tmp_path):
     stage = {"name": "w1e1a1", "steps": 30, "selected": "best", "best_step": 10,
              "metrics": {"validation": {"accuracy": 0.6, "f1": 0.8}}}
@@ -907,6 +915,11 @@ def test_last_eval_value_reads_the_final_evaluation_not_the_kept_best(ladder_mod
     assert ladder_module.last_eval_value(collected, stage, "mrpc") is None
     assert ladder_module.last_eval_value(tmp_path / "none", stage, "mrpc") is None
     assert ladder_module.last_eval_value(tmp_path / "none", {**stage, "selected": "last"}, "mrpc") == pytest.approx(80.0)
+    # a teacher's record has no stage name: its own eval_history answers, no stage log is looked for
+    teacher = {"steps": 30, "selected": "best", "best_step": 10, "metrics": {"validation": {"f1": 0.8}},
+               "eval_history": [{"step": 10, "f1": 0.8}, {"step": 30, "f1": 0.75}]}
+    assert ladder_module.last_eval_value(run, teacher, "mrpc") == pytest.approx(75.0)
+    assert ladder_module.last_eval_value(run, {**teacher, "eval_history": []}, "mrpc") is None
 
 
 def test_table_gives_the_average_at_the_last_eval_beside_the_kept_best(ladder_module, tmp_path):
