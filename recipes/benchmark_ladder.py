@@ -42,7 +42,7 @@ from typing import Any
 import datasets
 import yaml
 
-from surge_nlp.glue import get_task, majority_class_metrics, resolve_dataset
+from surge_nlp.glue import HELD_OUT, get_task, majority_class_metrics, resolve_dataset
 from surge_nlp.atomic import atomic_write, write_json_atomically
 from surge_nlp.pipeline import finetune_teacher, run_glue
 from surge_nlp.plots import plot_run, read_log
@@ -201,13 +201,16 @@ def last_eval_value(run_dir: Path, stage: dict[str, Any], task: str) -> float | 
     nothing recorded says. Read from, in turn: the stage's own metric when it kept the last weights
     (or its best was the last step), its `eval_history` (runs since 398ed7a keep every metric there),
     its log (`stages/<name>/log_history.jsonl` of a run, `log_history_<name>.jsonl` once collected;
-    a teacher's record has no stage name and no such log).
+    a teacher's record has no stage name and no such log). A stage that selected on held-out training
+    rows (`selected_on`) evaluated dev only at its end: None unless it kept its last step.
 
     A kept best is the maximum of a noisy dev curve and reads high where the curve falls after its
     peak; this is the number without that selection. For a multi-stage run it is the last stage's:
     an earlier stage's kept best still chose where the last one started."""
     if stage.get("selected", "last") == "last" or stage.get("best_step") == stage["steps"]:
         return reported_value(stage, task)
+    if stage.get("selected_on") == HELD_OUT:  # its evaluations measured held-out training rows, not dev
+        return None
     metric = reported_metric(task)
     # a student's stage has a name and a log under it; a teacher's record (no name) has neither
     name = stage.get("name")
@@ -394,8 +397,9 @@ def table(ladder: dict[str, Any], output: Path, teachers: Path, reruns: Path | N
                 last_by_seed[task][seed_value] = last_eval_value(run_dir, last, task)
                 wall_path = run_dir / WALL
                 walls[task] += sum(json.loads(wall_path.read_text())) if wall_path.is_file() else 0.0
-                selected[task] += [f"seed {seed_value}, {s['name']}: {s.get('selected', 'last')} (step {s.get('best_step') or s['steps']} of {s['steps']})"
-                                   for s in result["stages"]]
+                selected[task] += [f"seed {seed_value}, {s['name']}: {s.get('selected', 'last')}"
+                                   f"{' on held-out train' if s.get('selected_on') == HELD_OUT else ''}"
+                                   f" (step {s.get('best_step') or s['steps']} of {s['steps']})" for s in result["stages"]]
                 schedule[task] = [f"{s['name']}: {s['steps']} steps" for s in result["stages"]]
                 calls = provenance_calls(run_dir)
                 commands[task].append(recorded_command(calls, command(name, task, output, teachers, seed)))

@@ -104,8 +104,13 @@ def check_labels(model: nn.Module, task_name: str, what: str) -> None:
 
 
 def load_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, splits: tuple[str, ...] = ("train", "validation")) -> GlueData:
-    return load_glue(recipe.task, tokenizer, dataset=recipe.dataset, max_seq_length=recipe.max_seq_length,
+    """The recipe's splits; with `recipe.selection`, part of train is held out to select checkpoints on."""
+    data = load_glue(recipe.task, tokenizer, dataset=recipe.dataset, max_seq_length=recipe.max_seq_length,
                      max_train_samples=recipe.max_train_samples, max_eval_samples=recipe.max_eval_samples, splits=splits)
+    if recipe.selection.enabled and data.train is not None:
+        train, held_out = recipe.selection.split(data.train)
+        data = dataclasses.replace(data, train=train, held_out=held_out)
+    return data
 
 
 def validation_metrics(recipe: Recipe, model: nn.Module, data: GlueData, tokenizer, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, dict[str, float]]:
@@ -115,13 +120,15 @@ def validation_metrics(recipe: Recipe, model: nn.Module, data: GlueData, tokeniz
 def _train_stage(model: nn.Module, config: TrainingConfig, data: GlueData, tokenizer, output_dir: Path,
                  teacher: nn.Module | None, resume: bool, report_to: str | list[str] | None = None,
                  progress: bool = True) -> dict[str, Any]:
-    """Train one stage. With `config.eval_every`, the task's first validation split is evaluated
-    while training and the stage ends with the weights of its best main metric (`keep_best`)."""
+    """Train one stage. With `config.eval_every`, the task's first validation split (or the held-out
+    training rows, `data.selection_split`) is evaluated while training and the stage ends with the
+    weights of its best main metric (`keep_best`)."""
     loader = make_dataloader(data.train, tokenizer, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     task = data.task
     eval_loader = metric_fn = None
     if config.eval_every is not None:
-        eval_loader = make_dataloader(data.validation[task.validation_splits[0]], tokenizer, batch_size=EVAL_BATCH_SIZE)
+        selected_on, eval_split = data.selection_split()
+        eval_loader = make_dataloader(eval_split, tokenizer, batch_size=EVAL_BATCH_SIZE)
         metric_fn = lambda predictions, references: compute_metrics(task, predictions, references)  # noqa: E731
     started = time.perf_counter()
     result = train(model, loader, config, teacher=teacher, output_dir=output_dir, resume=resume,
@@ -130,7 +137,8 @@ def _train_stage(model: nn.Module, config: TrainingConfig, data: GlueData, token
     info: dict[str, Any] = {"steps": result.steps, "wall_time_s": time.perf_counter() - started, "seed": config.seed,
                             "selected": result.selected, "best_step": result.best_step}
     if eval_loader is not None:
-        info["eval_history"] = result.eval_history  # every dev metric (and the loss) at each evaluation
+        # every metric (and the loss) at each evaluation, on the split named by `selected_on`
+        info.update(eval_history=result.eval_history, selected_on=selected_on)
     return info
 
 
@@ -257,7 +265,7 @@ def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = 
     result = PipelineResult(recipe.task, teacher_info, stages, str(output_dir / "student"), report.totals, shipped)
     write_once(lambda: write_json_atomically(output_dir / "results.json", {
         "task": recipe.task, "recipe": recipe.sources, "augmentation": recipe.augmentation.to_dict(),
-        "teacher": teacher_info, "stages": stages,
+        "selection": recipe.selection.to_dict(), "teacher": teacher_info, "stages": stages,
         "student_dir": result.student_dir, "summary": report.totals, "shipped": shipped}))
     if push_to_hub:
         from .hub import push_to_hub as push

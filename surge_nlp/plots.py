@@ -4,7 +4,8 @@
 stage's) and writes, into `run_dir/plots/`, per log:
 
 - `<name>_loss.png`: the total loss and every loss term over optimizer steps (log scale);
-- `<name>_dev.png`: the dev metrics of each evaluation over steps (when the run evaluated);
+- `<name>_dev.png`: the metrics of each evaluation while training over steps (when the run evaluated):
+  dev, or the held-out training rows of a recipe's `selection`;
 - `<name>_surge.png`: the per-layer AGS lambda and the cosine between the binary and auxiliary
   input gradients over steps (DPGC/SURGE runs only).
 
@@ -94,7 +95,7 @@ def plot_log(records: list[dict], name: str, out_dir: str | Path) -> list[Path]:
         for key in eval_keys:
             steps, values = _series(records, key)
             axes.plot(steps, [100 * v for v in values], marker="o", label=key.split("/", 1)[1])
-        axes.set(xlabel="optimizer step", ylabel="dev metric (x100)", title=f"{name}: dev metrics at each evaluation")
+        axes.set(xlabel="optimizer step", ylabel="metric (x100)", title=f"{name}: metrics at each evaluation (dev or held-out)")
         axes.legend(fontsize=8)
         axes.grid(alpha=0.3)
         written.append(_save(figure, out_dir / f"{name}_dev.png"))

@@ -34,10 +34,11 @@ from .config import SurgeConfig
 from .distill import TrainingConfig
 from .glue import GLUE_TASKS, get_task
 from .glue.augment import Augmentation
+from .glue.selection import Selection
 
 PROFILE_TASKS_KEY = "tasks"
 RECIPE_KEYS = ("task", "model", "dataset", "max_seq_length", "max_train_samples", "max_eval_samples",
-               "augmentation", "teacher", "distill", "stages")
+               "augmentation", "selection", "teacher", "distill", "stages")
 STAGE_KEYS = ("name", "quantization", "training", "keep_shifts")
 
 
@@ -105,6 +106,9 @@ class Recipe:
     # and other tasks' training inputs, `augmentation: {copies: K, replace_prob: p, seed: s, other_tasks: [...]}`;
     # see surge_nlp.glue.augment.
     augmentation: Augmentation = field(default_factory=Augmentation)
+    # Where evaluation while training picks the kept checkpoint: dev (default), or a held-out part of
+    # the training set, `selection: {held_out: f, seed: s}`; see surge_nlp.glue.selection.
+    selection: Selection = field(default_factory=Selection)
     sources: list[str] = field(default_factory=list)
 
     @classmethod
@@ -145,6 +149,7 @@ class Recipe:
             raise RecipeError(f"{where}: stage names must be unique, got {names}")
         try:
             augmentation = Augmentation.from_dict(data.get("augmentation"))
+            selection = Selection.from_dict(data.get("selection"))
         except (ValueError, TypeError) as err:
             raise RecipeError(f"{where}: {err}") from None
         labelled = [stage.name for stage in stages if stage.training.ground_truth_weight > 0]
@@ -162,7 +167,7 @@ class Recipe:
         return cls(task=data["task"], model=data["model"], teacher=teacher, stages=stages,
                    dataset=data.get("dataset"), max_seq_length=data.get("max_seq_length"),
                    max_train_samples=data.get("max_train_samples"), max_eval_samples=data.get("max_eval_samples"),
-                   augmentation=augmentation, sources=list(sources or []))
+                   augmentation=augmentation, selection=selection, sources=list(sources or []))
 
 
 def _find(name: str, kind: str) -> Path:

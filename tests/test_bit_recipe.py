@@ -920,6 +920,10 @@ def test_last_eval_value_reads_the_final_evaluation_not_the_kept_best(ladder_mod
                "eval_history": [{"step": 10, "f1": 0.8}, {"step": 30, "f1": 0.75}]}
     assert ladder_module.last_eval_value(run, teacher, "mrpc") == pytest.approx(75.0)
     assert ladder_module.last_eval_value(run, {**teacher, "eval_history": []}, "mrpc") is None
+    # a stage that selected on held-out training rows logged those, not dev: dev at its last step is unknown
+    assert ladder_module.last_eval_value(run, {**stage, "selected_on": "held_out_train"}, "mrpc") is None
+    assert ladder_module.last_eval_value(run, {**stage, "selected_on": "validation"}, "mrpc") == pytest.approx(70.0)
+    assert ladder_module.last_eval_value(run, {**stage, "selected_on": "held_out_train", "best_step": 30}, "mrpc") == pytest.approx(80.0)
 
 
 def test_table_gives_the_average_at_the_last_eval_beside_the_kept_best(ladder_module, tmp_path):
@@ -933,12 +937,12 @@ def test_table_gives_the_average_at_the_last_eval_beside_the_kept_best(ladder_mo
         (teachers / task / "teacher" / "teacher_metrics.json").write_text(json.dumps(
             {"steps": 10, "selected": "last", "best_step": None, "metrics": {"validation": metrics}}))
 
-    def finished(folder, task, best, last, logged=True):
+    def finished(folder, task, best, last, logged=True, **recorded):
         run = output / folder / task
         run.mkdir(parents=True)
         key = ladder_module.reported_metric(task)
         stage = {"name": "w1e1a1", "steps": 20, "seed": 42, "bits": "1-1-1", "selected": "best", "best_step": 10,
-                 "metrics": {"validation": {key: best}}}
+                 "metrics": {"validation": {key: best}}, **recorded}
         (run / "results.json").write_text(json.dumps({"stages": [stage]}))
         if logged:
             (run / "log_history_w1e1a1.jsonl").write_text(
@@ -948,8 +952,13 @@ def test_table_gives_the_average_at_the_last_eval_beside_the_kept_best(ladder_mo
     finished("w1a1@seed7", "rte", 0.54, 0.52)
     finished("w1a4", "rte", 0.58, 0.51)
     finished("w1a4", "mrpc", 0.84, 0.80, logged=False)
+    finished("w1a1_held_out_selection", "rte", 0.57, 0.53, selected_on="held_out_train")  # its log is of held-out rows
     result = ladder_module.table(ladder, output, teachers)
     rows = {row["name"]: row for row in result["rows"]}
+    assert rows["w1a1"]["selected"]["rte"][0] == "seed 42, w1e1a1: best (step 10 of 20)"
+    assert rows["w1a1_held_out_selection"]["selected"]["rte"] == ["seed 42, w1e1a1: best on held-out train (step 10 of 20)"]
+    assert rows["w1a1_held_out_selection"]["metrics"]["rte"] == pytest.approx(57.0)
+    assert rows["w1a1_held_out_selection"]["metrics_last"]["rte"] is None
     assert rows["w1a1"]["metrics"]["rte"] == pytest.approx(55.0) and rows["w1a1"]["metrics_last"]["rte"] == pytest.approx(51.0)
     assert rows["w1a4"]["metrics_last"] == {"rte": pytest.approx(51.0), "mrpc": None}
     assert result["teacher_last"] == {"rte": pytest.approx(56.0), "mrpc": pytest.approx(85.0)}

@@ -13,6 +13,7 @@ Example:
 from .data import (
     DATASET_ENV_VAR,
     DEFAULT_DATASET,
+    HELD_OUT,
     SPLIT_GROUPS,
     GlueData,
     GlueDataError,
@@ -23,6 +24,7 @@ from .data import (
 from .metrics import GLUE_METRIC_PATH, compute_metrics, load_glue_metric, majority_class_metrics
 from .predict import (agreement, evaluate_model, format_predictions, metrics_of, predict, predict_to_submission,
                       predictions_by_split, write_submission)
+from .selection import Selection
 from .tasks import COMBINED_SCORE, GLUE_TASKS, GlueTask, get_task
 
 __all__ = [
@@ -31,10 +33,12 @@ __all__ = [
     "DEFAULT_DATASET",
     "GLUE_METRIC_PATH",
     "GLUE_TASKS",
+    "HELD_OUT",
     "SPLIT_GROUPS",
     "GlueData",
     "GlueDataError",
     "GlueTask",
+    "Selection",
     "compute_metrics",
     "evaluate_model",
     "format_predictions",

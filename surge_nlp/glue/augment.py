@@ -39,12 +39,9 @@ import datasets
 import numpy as np
 
 from .tasks import GLUE_TASKS
+from .sections import from_section, invalid
 
 INPUT_IDS = "input_ids"
-
-
-def _invalid(name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"augmentation.{name}={value!r} is invalid; allowed values: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -66,29 +63,22 @@ class Augmentation:
 
     def __post_init__(self) -> None:
         if isinstance(self.copies, bool) or not isinstance(self.copies, int) or self.copies < 0:
-            raise _invalid("copies", self.copies, "an integer >= 0")
+            raise invalid("augmentation", "copies", self.copies, "an integer >= 0")
         tasks = self.other_tasks
         if (not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) and t in GLUE_TASKS for t in tasks)
                 or len(set(tasks)) != len(tasks)):
-            raise _invalid("other_tasks", tasks, f"a list of distinct GLUE tasks among {', '.join(GLUE_TASKS)}")
+            raise invalid("augmentation", "other_tasks", tasks, f"a list of distinct GLUE tasks among {', '.join(GLUE_TASKS)}")
         object.__setattr__(self, "other_tasks", tuple(tasks))
         p = self.replace_prob
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
-            raise _invalid("replace_prob", p, "a number in (0, 1]")
+            raise invalid("augmentation", "replace_prob", p, "a number in (0, 1]")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise _invalid("seed", self.seed, "an integer")
+            raise invalid("augmentation", "seed", self.seed, "an integer")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "Augmentation":
         """From a recipe's `augmentation` mapping (None: no augmentation); unknown keys raise."""
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise ValueError(f"augmentation must be a mapping with keys among {', '.join(SETTINGS)}; got {data!r}")
-        unknown = sorted(set(data) - set(SETTINGS))
-        if unknown:
-            raise ValueError(f"augmentation has no setting(s) {unknown}; allowed: {list(SETTINGS)}")
-        return cls(**data)
+        return from_section(cls, "augmentation", data)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "other_tasks": list(self.other_tasks)}
@@ -133,7 +123,6 @@ class Augmentation:
         return parts
 
 
-SETTINGS = ("copies", "replace_prob", "seed", "other_tasks")
 LABELS = "labels"
 
 

@@ -44,6 +44,10 @@ INDEX_COLUMN = "idx"
 MODEL_LABEL_COLUMN = "labels"
 
 
+# The name under which results record a selection on held-out training rows.
+HELD_OUT = "held_out_train"
+
+
 class GlueDataError(ValueError):
     """The dataset does not provide what a GLUE task needs (config, split, columns or labels)."""
 
@@ -63,6 +67,8 @@ class GlueData:
         train: the training split, or None when not requested.
         validation: evaluation splits by name (`validation`, or MNLI's matched and mismatched).
         test: unlabelled splits by name, including the diagnostic `ax` for MNLI.
+        held_out: training rows kept out of `train` to select checkpoints on (a recipe's
+            `selection`, see `surge_nlp.glue.selection`), or None: selection on dev.
     """
 
     task: GlueTask
@@ -70,6 +76,15 @@ class GlueData:
     train: datasets.Dataset | None = None
     validation: dict[str, datasets.Dataset] = field(default_factory=dict)
     test: dict[str, datasets.Dataset] = field(default_factory=dict)
+    held_out: datasets.Dataset | None = None
+
+    def selection_split(self) -> tuple[str, datasets.Dataset]:
+        """(name, split) that evaluation while training measures: the held-out training rows when
+        there are some, else the task's first validation split."""
+        if self.held_out is not None:
+            return HELD_OUT, self.held_out
+        name = self.task.validation_splits[0]
+        return name, self.validation[name]
 
 
 def resolve_dataset(dataset: str | None = None) -> str:
