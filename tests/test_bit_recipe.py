@@ -411,7 +411,7 @@ def test_the_progress_bar_keeps_the_latest_dev_metric_beside_the_loss(tmp_path, 
     _toy_run(tmp_path, [0.30, 0.55, 0.52, 0.71, 0.60, 0.70], progress=True)
     final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     # Step 12 logs a loss after its evaluation: the dev metric must survive the loss update.
-    assert "12/12" in final and "loss=" in final and "dev score=0.7000" in final
+    assert "12/12" in final and "loss=" in final and "eval score=0.7000" in final
 
 
 def test_keep_best_false_ends_with_the_last_weights(tmp_path):

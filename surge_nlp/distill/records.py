@@ -20,7 +20,7 @@ LOG_FILE = "log_history.jsonl"
 
 class RunLog:
     """Where the loop's records go: the state's history, `log_history.jsonl` (main process), the
-    trackers and the caller's `on_log`; and the progress bar, which shows the latest loss and dev metric."""
+    trackers and the caller's `on_log`; and the progress bar, which shows the latest loss and evaluation metric."""
 
     def __init__(self, accelerator: Accelerator, output_dir: Path, state: TrainingState, trackers: list[str],
                  on_log: Callable[[dict[str, float]], None] | None, bar: tqdm) -> None:

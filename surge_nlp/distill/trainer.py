@@ -120,12 +120,12 @@ def _epoch_batches(accelerator: Accelerator, train_loader, state: TrainingState)
 
 def _evaluate_and_keep_best(accelerator: Accelerator, student: nn.Module, eval_loader, metric_fn: MetricFn | None,
                             selection_key: str, config: TrainingConfig, output_dir: Path, state: TrainingState, log: RunLog) -> None:
-    """Evaluate on the dev loader, log it, and save the weights when they are the best so far."""
+    """Evaluate on the eval loader (dev, or held-out training rows), log it, and save the weights when they are the best so far."""
     metrics = evaluate(student, eval_loader, metric_fn, accelerator)
     if selection_key not in metrics:
         raise ValueError(f"best_metric={selection_key!r} is not among the evaluation's metrics {sorted(metrics)}")
     log({"step": state.step, **{f"eval/{key}": value for key, value in metrics.items()}})
-    log.show(f"dev {selection_key}", metrics[selection_key])
+    log.show(f"eval {selection_key}", metrics[selection_key])
     best_value = None if state.best is None else state.best["value"]
     if config.keep_best and is_improvement(metrics[selection_key], best_value, selection_key):
         save_best(accelerator, student, output_dir, state.step)
