@@ -73,6 +73,7 @@ def test_augmentation_is_a_function_of_its_seed_and_off_by_default():
     ({"replace_prob": 0}, r"augmentation.replace_prob=0 is invalid; allowed values: a number in \(0, 1\]"),
     ({"replace_prob": 1.5}, r"augmentation.replace_prob=1.5 is invalid"),
     ({"seed": "x"}, r"augmentation.seed='x' is invalid; allowed values: an integer"),
+    ({"seed": True}, r"augmentation.seed=True is invalid; allowed values: an integer"),
     ({"copis": 2}, r"augmentation has no setting\(s\) \['copis'\]"),
     ({"other_tasks": ["mrpc", "foo"]}, r"augmentation.other_tasks=\['mrpc', 'foo'\] is invalid; allowed values: a list of "
                                         r"distinct GLUE tasks among cola, sst2, mrpc"),

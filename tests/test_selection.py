@@ -47,6 +47,8 @@ def test_selection_settings_are_checked_by_name():
     assert Selection.from_dict({"held_out": 0.2, "seed": 1}) == Selection(0.2, 1) and Selection(0.2).enabled
     with pytest.raises(ValueError, match=r"selection.seed=1.5 is invalid; allowed values: an integer"):
         Selection(held_out=0.1, seed=1.5)
+    with pytest.raises(ValueError, match=r"selection.seed=True is invalid; allowed values: an integer"):
+        Selection(held_out=0.1, seed=True)  # YAML's `yes` is a bool, not a seed
     with pytest.raises(ValueError, match=r"selection has no setting\(s\) \['fraction'\]; allowed: \['held_out', 'seed'\]"):
         Selection.from_dict({"fraction": 0.1})
     with pytest.raises(ValueError, match="selection must be a mapping"):

@@ -39,7 +39,7 @@ import datasets
 import numpy as np
 
 from .tasks import GLUE_TASKS
-from .sections import from_section, invalid
+from .sections import check_int, from_section, invalid
 
 INPUT_IDS = "input_ids"
 
@@ -72,8 +72,7 @@ class Augmentation:
         p = self.replace_prob
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
             raise invalid("augmentation", "replace_prob", p, "a number in (0, 1]")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise invalid("augmentation", "seed", self.seed, "an integer")
+        check_int("augmentation", "seed", self.seed)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "Augmentation":

@@ -21,6 +21,12 @@ def invalid(section: str, name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{section}.{name}={value!r} is invalid; allowed values: {allowed}")
 
 
+def check_int(section: str, name: str, value: Any) -> None:
+    """Raise `invalid` unless `value` is an int (a bool is not: YAML's `yes` would pass otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(section, name, value, "an integer")
+
+
 def from_section(cls: type[T], section: str, data: dict[str, Any] | None) -> T:
     """`cls` from a recipe's `section` mapping (None: the defaults); unknown keys raise ValueError."""
     settings = [field.name for field in fields(cls)]

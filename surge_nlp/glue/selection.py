@@ -29,7 +29,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from .sections import from_section, invalid
+from .sections import check_int, from_section, invalid
 
 MAX_HELD_OUT = 0.5
 
@@ -51,8 +51,7 @@ class Selection:
         f = self.held_out
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 <= f <= MAX_HELD_OUT:
             raise invalid("selection", "held_out", f, f"a number in [0, {MAX_HELD_OUT}] (0: select on dev)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise invalid("selection", "seed", self.seed, "an integer")
+        check_int("selection", "seed", self.seed)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "Selection":
