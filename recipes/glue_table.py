@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from surge_nlp.atomic import write_json_atomically
 from surge_nlp.glue import get_task
 
 
@@ -44,7 +45,8 @@ def main(root: str) -> None:
         })
     if not rows:
         sys.exit(f"no */results.json under {root}")
-    print("| task | metric | FP teacher | W1A1 SURGE student | student/teacher | W-E-A | seed | wall (s) |")
+    students = sorted({f"{row['bits']} {row['estimator']}" for row in rows})  # W-E-A and estimator of each run
+    print(f"| task | metric | FP teacher | student ({', '.join(students)}) | student/teacher | W-E-A | seed | wall (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['task']} | {row['metrics']} | {row['teacher']} | {row['student']} | "
@@ -52,7 +54,7 @@ def main(root: str) -> None:
     t_avg, s_avg = sum(teacher_main) / len(rows), sum(student_main) / len(rows)
     print(f"| **average** (main metric) | | {t_avg:.1f} | {s_avg:.1f} | {100 * s_avg / t_avg:.1f}% | | | |")
     summary = {"rows": rows, "teacher_avg": t_avg, "student_avg": s_avg, "student_over_teacher": s_avg / t_avg}
-    (root_path / "table.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomically(root_path / "table.json", summary)
 
 
 if __name__ == "__main__":

@@ -41,21 +41,34 @@ def _recipe(args: argparse.Namespace):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
-    if stage_overrides:
+    if isinstance(stage_overrides, dict):
         # `stages.N.x=...` edits stage N of the merged recipe instead of replacing the list.
         base = load_recipe(args.recipe or args.task, args.profile, overrides)
         stages = [{"name": s.name, "quantization": s.quantization.to_dict(), "training": s.training.to_dict(),
                    "keep_shifts": s.keep_shifts} for s in base.stages]
         for index, change in stage_overrides.items():
-            position = int(index)
-            if not 0 <= position < len(stages):
-                raise ValueError(f"--set stages.{index}: the recipe has {len(stages)} stage(s) (0 to {len(stages) - 1})")
-            stages[position] = merge(stages[position], change)
+            if not index.isdigit() or not 0 <= int(index) < len(stages):
+                raise ValueError(f"--set stages.{index}: the recipe has {len(stages)} stage(s); allowed indices: "
+                                 f"0 to {len(stages) - 1}")
+            if not isinstance(change, dict):
+                raise ValueError(f"--set stages.{index}={change!r}: a stage is edited key by key, e.g. "
+                                 f"stages.{index}.training.num_epochs=2")
+            stages[int(index)] = merge(stages[int(index)], change)
         overrides["stages"] = stages
+    elif stage_overrides is not None:
+        overrides["stages"] = stage_overrides  # `--set stages=[...]` replaces the list; the recipe checks it
     recipe = load_recipe(args.recipe or args.task, args.profile, overrides)
-    if args.recipe and recipe.task != args.task:
-        raise ValueError(f"recipe {args.recipe} is for task {recipe.task!r}, not {args.task!r}")
+    if recipe.task != args.task:
+        source = f"recipe {args.recipe} is for" if args.recipe else "--set gives"
+        raise ValueError(f"{source} task {recipe.task!r}, not the task argument {args.task!r}")
     return recipe
+
+
+def _positive_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed values: an integer >= 1")
+    return value
 
 
 def _is_main_process() -> bool:
@@ -272,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="bits, parameters, memory and binary MACs of a model")
     p.add_argument("model", help="model directory or Hub id")
-    p.add_argument("--seq-len", type=int, default=128, help="sequence length for the attention MAC count")
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="sequence length for the attention MAC count")
     p.set_defaults(func=cmd_summary)
     return parser
 

@@ -124,10 +124,13 @@ class Recipe:
             value = data.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise RecipeError(f"{where}: `{key}` must be null or an integer >= 1, got {value!r}")
+        if data.get("dataset") is not None and (not isinstance(data["dataset"], str) or not data["dataset"]):
+            raise RecipeError(f"{where}: `dataset` must be null or a non-empty string (a Hub id or a local path), "
+                              f"got {data['dataset']!r}")
         try:
             get_task(data["task"])
-            teacher = TrainingConfig.from_dict(data.get("teacher") or {})
-            shared = data.get("distill") or {}
+            teacher = TrainingConfig.from_dict(_settings(data.get("teacher"), "`teacher`"))
+            shared = _settings(data.get("distill"), "`distill`")
             stages_data = data.get("stages")
             if not isinstance(stages_data, list) or not stages_data:
                 raise RecipeError("`stages` must be a non-empty list of {name, quantization, training}")
@@ -140,8 +143,9 @@ class Recipe:
                 keep_shifts = stage.get("keep_shifts", True)
                 if not isinstance(keep_shifts, bool):
                     raise RecipeError(f"stage {index + 1} ({name}): `keep_shifts` must be true or false, got {keep_shifts!r}")
-                training = TrainingConfig.from_dict(merge(shared, stage.get("training") or {}))
-                stages.append(Stage(name, SurgeConfig.from_dict(stage["quantization"]), training, keep_shifts))
+                training = TrainingConfig.from_dict(merge(shared, _settings(stage.get("training"), f"stage {index + 1} ({name}): `training`")))
+                quantization = _settings(stage["quantization"], f"stage {index + 1} ({name}): `quantization`")
+                stages.append(Stage(name, SurgeConfig.from_dict(quantization), training, keep_shifts))
         except (ValueError, TypeError) as err:
             raise RecipeError(f"{where}: {err}") from None
         names = [stage.name for stage in stages]
@@ -168,6 +172,15 @@ class Recipe:
                    dataset=data.get("dataset"), max_seq_length=data.get("max_seq_length"),
                    max_train_samples=data.get("max_train_samples"), max_eval_samples=data.get("max_eval_samples"),
                    augmentation=augmentation, selection=selection, sources=list(sources or []))
+
+
+def _settings(value: Any, section: str) -> dict[str, Any]:
+    """A section of settings (None: none); anything but a mapping raises, naming the `section`."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{section} must be a mapping of settings, got {value!r}")
+    return value
 
 
 def _find(name: str, kind: str) -> Path:
@@ -216,8 +229,13 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"--set {item!r} is invalid; expected KEY=VALUE, e.g. distill.num_epochs=1")
         node = overrides
         parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r} conflicts with an earlier --set {'.'.join(parts[:depth + 1])}=..., "
+                                 "which gave it a value rather than settings")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ValueError(f"--set {item!r} conflicts with an earlier --set {key}.<setting>=...; set one or the other")
         node[parts[-1]] = _parse_value(raw)
     return overrides
 

@@ -132,10 +132,19 @@ def test_trainer_logs_attention_lambdas(tmp_path):
     result = train(student, torch.utils.data.DataLoader(data, batch_size=4), config, teacher=teacher,
                    output_dir=tmp_path, progress=False)
     record = result.log_history[-1]
-    for layer in (0, 1):
+    from surge_nlp.attention import AttentionQuantizers
+
+    layers = [module for module in student.modules() if isinstance(module, AttentionQuantizers)]
+    assert len(layers) == 2
+    for layer, module in enumerate(layers):
         for operand in ("query", "key", "value", "probs"):
-            assert record[f"attention_lambda/layer_{layer}/{operand}"] >= 0
-            assert -1 <= record[f"attention_alignment/layer_{layer}/{operand}"] <= 1
+            # The logged values are those of the last backward (log_every=1), read from each compensator.
+            compensator = module.compensators[operand]
+            assert record[f"attention_lambda/layer_{layer}/{operand}"] == pytest.approx(compensator.last_lambda)
+            assert 0 <= compensator.last_lambda < float("inf")
+            assert record[f"attention_alignment/layer_{layer}/{operand}"] == pytest.approx(compensator.last_alignment)
+            assert -1 <= compensator.last_alignment <= 1
+    assert sum(record[f"attention_lambda/layer_{layer}/query"] for layer in (0, 1)) > 0  # the branch was active
 
 
 @pytest.mark.parametrize("config,message", [

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors.torch import load_file
 from torch import nn
 
 import surge_nlp
@@ -431,16 +432,19 @@ def test_epoch_evaluation_and_loss_selection(tmp_path):
     assert is_improvement(0.6, 0.5, "accuracy") and is_improvement(1.0, None, "accuracy")
 
 
+class Killed(Exception):
+    pass
+
+
+def kill_at_step_7(record):
+    """An `on_log` that stops a toy run as a kill would, after step 7's loss is logged."""
+    if record.get("step") == 7 and "loss" in record:
+        raise Killed
+
+
 def test_best_selection_survives_a_resume(tmp_path):
     series = [0.30, 0.80, 0.52, 0.71, 0.60, 0.70]  # best at step 4, before the interruption
     straight_model, straight, _ = _toy_run(tmp_path / "a", series, checkpoint_every=2)
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_step_7(record):
-        if record.get("step") == 7 and "loss" in record:
-            raise Killed
 
     with pytest.raises(Killed):
         _toy_run(tmp_path / "b", series, checkpoint_every=2, on_log=kill_at_step_7)
@@ -451,6 +455,36 @@ def test_best_selection_survives_a_resume(tmp_path):
     assert [r["step"] for r in resumed.eval_history] == [2, 4, 6, 8, 10, 12]
     reference = straight_model.state_dict()
     assert all(torch.equal(tensor, reference[key]) for key, tensor in resumed_model.state_dict().items())
+
+
+def test_a_run_killed_between_a_new_best_and_its_checkpoint_keeps_the_older_best(tmp_path):
+    # Evaluations every 2 steps, checkpoints every 4: the best moves from step 4 to step 6 after the
+    # step-4 checkpoint, and the run is killed at step 7. Resumed from step 4 (best: step 4), the
+    # re-evaluation at step 6 need not repeat 0.9 (another machine, another process count); here it
+    # does not, so the step-4 weights must still be on disk.
+    with pytest.raises(Killed):
+        _toy_run(tmp_path, [0.3, 0.5, 0.9], checkpoint_every=4, on_log=kill_at_step_7)
+    best_dir = tmp_path / "run" / "best"
+    assert sorted(p.name for p in best_dir.iterdir()) == ["step_4.safetensors", "step_6.safetensors"]
+    weights_at_step_4 = load_file(best_dir / "step_4.safetensors")
+    model, result, _ = _toy_run(tmp_path, [0.1, 0.1, 0.1, 0.1], checkpoint_every=4, resume=True)
+    assert result.best_step == 4 and result.metrics["score"] == 0.5
+    assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in weights_at_step_4.items())
+    # The last checkpoint (step 12) and the one before (step 8) both name step 4: nothing else stays.
+    assert sorted(p.name for p in best_dir.iterdir()) == ["step_4.safetensors"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_text('{"step": 4'), "trainer_state.json is unreadable"),
+    (lambda path: path.write_text('{"step": 4}'), "trainer_state.json lacks ['epoch', 'batches_in_epoch', 'scheduler', 'log_history']"),
+    (lambda path: path.unlink(), "trainer_state.json is unreadable"),
+])
+def test_resuming_from_a_damaged_checkpoint_names_it(tmp_path, damage, message):
+    _toy_run(tmp_path, [0.3, 0.5, 0.9, 0.1, 0.1, 0.1], checkpoint_every=4)
+    damage(tmp_path / "run" / "checkpoints" / "step_12" / "trainer_state.json")
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        _toy_run(tmp_path, [0.1], checkpoint_every=4, resume=True)
+    assert "step_12" in str(err.value)
 
 
 def test_eval_every_without_an_eval_loader_is_an_error(tmp_path):
@@ -645,6 +679,20 @@ def test_ladder_file_errors_name_the_field(ladder_module, tmp_path, content, mes
     path.write_text(yaml.safe_dump(content))
     with pytest.raises((ladder_module.LadderError, RecipeError), match=message):
         ladder_module.load_ladder(path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["table", "--row", "w1a1"], "--row do(es) not apply to table"),
+    (["table", "--task", "rte", "--seed", "7"], "--task and --seed do(es) not apply to table"),
+    (["collect", "--seed", "7", "--into", "x"], "--seed do(es) not apply to collect"),
+    (["baseline", "--row", "w1a1"], "--row do(es) not apply to baseline"),
+    (["run", "--row", "nope"], "--row 'nope' is not in"),
+])
+def test_ladder_refuses_filters_its_action_would_ignore(ladder_module, tmp_path, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        ladder_module.main([*argv, "--output", str(tmp_path / "out"), "--teachers", str(tmp_path / "teachers")])
+    assert message in str(exit_info.value.code)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "teachers").exists()
 
 
 def test_ladder_runs_resumably_and_tabulates(ladder_module, tmp_path, minilm_path, glue_mirror, monkeypatch, capsys):

@@ -82,9 +82,14 @@ def test_summary_command(rte_run, capsys):
     assert code == 0 and "binarized layers:          12" in stdout and "compression ratio" in stdout
 
 
-def test_resume_skips_finished_work_and_keeps_the_numbers(rte_run, capsys):
+def test_resume_skips_finished_work_and_keeps_the_numbers(rte_run, capsys, monkeypatch):
     out, recipe = rte_run
     before = json.loads((out / "results.json").read_text())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a resumed finished run must not train again")
+
+    monkeypatch.setattr("surge_nlp.pipeline.train", no_training)  # the teacher and every stage train through it
     code, _, _ = run(capsys, "glue", "rte", "--recipe", recipe, "--output", out, "--resume")
     assert code == 0
     after = json.loads((out / "results.json").read_text())
@@ -149,6 +154,12 @@ def test_merge_is_deep_for_mappings_and_replaces_lists():
         ("task: rte\nmodel: m\ndistill: {learning_rate: -1}\nstages: [{quantization: {}}]", "TrainingConfig.learning_rate=-1"),
         ("task: rte\nmodel: m\nmax_train_samples: 0\nstages: [{quantization: {}}]", "`max_train_samples` must be null or an integer >= 1"),
         ("task: rte\nmodel: m\nstages: [{name: a, quantization: {}}, {name: a, quantization: {}}]", "stage names must be unique"),
+        ("task: rte\nmodel: m\nteacher: [1]\nstages: [{quantization: {}}]", "`teacher` must be a mapping of settings, got [1]"),
+        ("task: rte\nmodel: m\ndistill: 3\nstages: [{quantization: {}}]", "`distill` must be a mapping of settings, got 3"),
+        ("task: rte\nmodel: m\nstages: [{name: s, quantization: {}, training: [2]}]",
+         "stage 1 (s): `training` must be a mapping of settings, got [2]"),
+        ("task: rte\nmodel: m\nstages: [{name: s, quantization: 1}]", "stage 1 (s): `quantization` must be a mapping of settings, got 1"),
+        ("task: rte\nmodel: m\ndataset: 123\nstages: [{quantization: {}}]", "`dataset` must be null or a non-empty string"),
     ],
 )
 def test_bad_recipes_are_one_clear_error(tmp_path, capsys, content, message):
@@ -185,6 +196,27 @@ def test_missing_recipe_file_and_profile(capsys, tmp_path):
 def test_bad_set_override(capsys, tmp_path):
     assert "expected KEY=VALUE" in _one_line_error(capsys, "glue", "rte", "--set", "distill.num_epochs", "--output", tmp_path)
     assert "the recipe has 1 stage(s)" in _one_line_error(capsys, "glue", "rte", "--set", "stages.3.name=x", "--output", tmp_path)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["stages.first.name=x"], "--set stages.first: the recipe has 1 stage(s); allowed indices: 0 to 0"),
+    (["stages.0=x"], "--set stages.0='x': a stage is edited key by key"),
+    (["stages=[1]"], "stage 1 must be a mapping with `quantization`"),
+    (["distill=1", "distill.num_epochs=2"], "--set 'distill.num_epochs=2' conflicts with an earlier --set distill=..."),
+    (["distill.num_epochs=2", "distill=1"], "--set 'distill=1' conflicts with an earlier --set distill.<setting>=..."),
+    (["task=mrpc"], "--set gives task 'mrpc', not the task argument 'rte'"),
+])
+def test_set_overrides_that_cannot_apply_are_one_clear_error(capsys, tmp_path, settings, message):
+    argv = [arg for setting in settings for arg in ("--set", setting)]
+    assert message in _one_line_error(capsys, "glue", "rte", *argv, "--output", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_summary_sequence_length_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["summary", "any-model", "--seq-len", "0"])
+    assert exit_info.value.code == 2
+    assert "--seq-len: invalid value '0'; allowed values: an integer >= 1" in capsys.readouterr().err
 
 
 def test_missing_split(capsys, tmp_path, tiny_base):

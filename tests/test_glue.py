@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -521,3 +522,28 @@ def test_the_expected_fresh_head_is_loaded_without_a_load_report(tmp_path, caplo
         load_with_fresh_head(str(tmp_path / "base"), num_labels=3)
     assert "missing weights bert.encoder.layer.0.output.dense.weight" in caplog.text
     assert "classifier" not in caplog.text.split("missing weights")[1]
+
+
+def test_glue_table_names_the_students_it_reads(tmp_path, capsys):
+    # recipes/glue_table.py over two hand-written results.json: the header says which students the
+    # column holds (it once said "W1A1 SURGE" whatever the runs were), and the averages are recomputed.
+    import importlib.util
+
+    from .conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("glue_table", REPO / "recipes" / "glue_table.py")
+    glue_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(glue_table)
+    for task, teacher, student, bits in (("rte", 0.60, 0.54, "1-1-4"), ("sst2", 0.90, 0.81, "1-1-1")):
+        stage = {"metrics": {"validation": {"accuracy": student}}, "bits": bits, "estimator": "clipped_ste",
+                 "seed": 42, "steps": 10}
+        (tmp_path / task).mkdir()
+        (tmp_path / task / "results.json").write_text(json.dumps(
+            {"task": task, "teacher": {"metrics": {"validation": {"accuracy": teacher}}, "steps": 5}, "stages": [stage]}))
+    glue_table.main(str(tmp_path))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| task | metric | FP teacher | student (1-1-1 clipped_ste, 1-1-4 clipped_ste) | student/teacher | "
+                        "W-E-A | seed | wall (s) |")
+    assert lines[-1] == "| **average** (main metric) | | 75.0 | 67.5 | 90.0% | | | |"
+    summary = json.loads((tmp_path / "table.json").read_text())
+    assert summary["student_over_teacher"] == pytest.approx(0.9) and [row["bits"] for row in summary["rows"]] == ["1-1-4", "1-1-1"]

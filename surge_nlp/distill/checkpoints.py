@@ -3,7 +3,8 @@
 - `output_dir/checkpoints/step_N`: accelerate's full state (model, optimizer, RNG of every process)
   plus `trainer_state.json` (the loop's position, log history and best-so-far; JSON, no pickle),
   written under a fixed temporary name by every process and renamed by the main one.
-- `output_dir/best/step_N.safetensors`: the weights of the best evaluation so far (atomic).
+- `output_dir/best/step_N.safetensors`: the weights of the best evaluation so far (atomic), and of
+  the best each kept checkpoint recorded (a resume from it may need them; see `prune_best`).
 """
 
 from __future__ import annotations
@@ -70,12 +71,25 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: Traini
         commit(temporary, final)
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
+        prune_best(output_dir, None if progress.best is None else progress.best["step"])
     accelerator.wait_for_everyone()
 
 
+STATE_KEYS = ("step", "epoch", "batches_in_epoch", "scheduler", "log_history")
+
+
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler) -> TrainingState:
+    path = checkpoint / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot resume from {checkpoint}: {path.name} is unreadable ({err}); "
+                         "remove that checkpoint to resume from the one before") from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"cannot resume from {checkpoint}: {path.name} lacks {missing}; it was not written by this "
+                         "trainer, or by an incompatible version")
     accelerator.load_state(str(checkpoint))
-    state = json.loads((checkpoint / TRAINER_STATE).read_text())
     scheduler.load_state_dict(state["scheduler"])
     return TrainingState(state["step"], state["epoch"], state["batches_in_epoch"], state["log_history"], state.get("best"))
 
@@ -104,15 +118,32 @@ def best_weights_path(output_dir: Path, step: int) -> Path:
 
 
 def save_best(accelerator: Accelerator, model: nn.Module, output_dir: Path, step: int) -> None:
-    # Written under a temporary name and renamed; older best files are removed only afterwards.
+    # Written under a temporary name and renamed; older best files are pruned only afterwards.
     if accelerator.is_main_process:
-        path = best_weights_path(output_dir, step)
-        with atomic_write(path) as temporary:
+        with atomic_write(best_weights_path(output_dir, step)) as temporary:
             save_model(model, str(temporary))
-        for old in path.parent.iterdir():
-            if old != path:
-                old.unlink()
+        prune_best(output_dir, step)
     accelerator.wait_for_everyone()
+
+
+def prune_best(output_dir: Path, current: int | None) -> None:
+    """Remove the best-weight files that neither the current best (`current`, a step) nor a kept
+    checkpoint names: a run killed after a new best but before its next checkpoint resumes with
+    the older best of that checkpoint, and must find its weights if no later evaluation beats it.
+    At most `keep_checkpoints + 1` files stay."""
+    keep = {current} if current is not None else set()
+    for checkpoint in list_checkpoints(output_dir):
+        try:
+            best = json.loads((checkpoint / TRAINER_STATE).read_text()).get("best")
+        except (OSError, ValueError, AttributeError):
+            continue  # a damaged checkpoint cannot be resumed from (load_checkpoint says so)
+        if best is not None:
+            keep.add(best["step"])
+    kept_names = {best_weights_path(output_dir, step).name for step in keep}
+    root = output_dir / BEST
+    for path in root.iterdir() if root.is_dir() else ():
+        if path.name not in kept_names:
+            path.unlink()
 
 
 def check_resumable(output_dir: Path, config: TrainingConfig, resume: bool) -> None:

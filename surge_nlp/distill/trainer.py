@@ -52,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from ..atomic import write_json_atomically, write_text_atomically
 from ..integration import set_training_progress
 from .checkpoints import (CONFIG_FILE, TrainingState, best_weights_path, eval_interval, is_improvement, list_checkpoints,
                           load_checkpoint, save_best, save_checkpoint)
@@ -104,8 +105,8 @@ def _start_or_resume(accelerator: Accelerator, output_dir: Path, config: Trainin
         logger.info("resumed from %s (step %d)", checkpoints[-1], state.step)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-        (output_dir / LOG_FILE).write_text("".join(json.dumps(record) + "\n" for record in state.log_history))
+        write_json_atomically(output_dir / CONFIG_FILE, config.to_dict())
+        write_text_atomically(output_dir / LOG_FILE, "".join(json.dumps(record) + "\n" for record in state.log_history))
     return state
 
 
