@@ -311,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ValueError, OSError, KeyError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, KeyError):  # str(KeyError) is only the quoted key
+            message = f"missing key {message} (in a file or setting this command read)"
         print(f"surge-nlp: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -480,3 +480,15 @@ def test_glue_under_accelerate_launch_with_two_cpu_processes_writes_and_prints_o
     from transformers import AutoModelForSequenceClassification
 
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "student")  # whole and loadable
+
+
+def test_a_missing_key_is_named_as_one(capsys, tmp_path, monkeypatch):
+    # A KeyError's text is only the quoted key; the error line says what it is.
+    import surge_nlp.cli as cli
+
+    def reads_a_file_without_the_key(args):
+        return {}["scheduler"]
+
+    monkeypatch.setattr(cli, "cmd_plot", reads_a_file_without_the_key)
+    assert _one_line_error(capsys, "plot", tmp_path) == (
+        "surge-nlp: error: missing key 'scheduler' (in a file or setting this command read)")
