@@ -13,6 +13,8 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -48,13 +50,14 @@ ATTENTION_PROBABILITY_SHIFTS = ("learned", "zero")
 
 
 def _is_positive_number(value: Any) -> bool:
-    # bool is an int subclass: `eta=True` must not pass as 1.
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
+    # bool is an int subclass: `eta=True` must not pass as 1; inf would make every gradient inf.
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0 and math.isfinite(value)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
-    # bool is an int subclass: `weight_bits=True` must not pass as 1.
-    if isinstance(value, bool) or value not in allowed:
+    # bool is an int subclass: `weight_bits=True` must not pass as 1; nor may 2.0 pass as 2 (the
+    # bit width feeds integer arithmetic: 2 ** (bits - 1) levels, the kernels' bit planes).
+    if isinstance(value, bool) or value not in allowed or type(value) not in {type(choice) for choice in allowed}:
         raise ValueError(f"SurgeConfig.{name}={value!r} is invalid; allowed values: {', '.join(map(repr, allowed))}")
 
 
@@ -183,6 +186,13 @@ class SurgeConfig(QuantizationConfigMixin):
                 "allowed values: a list of non-empty module names"
             )
         self.modules_to_not_convert = list(self.modules_to_not_convert)
+        for pattern in self.modules_to_not_convert:  # each is a name or a regex (surge_nlp.integration)
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"SurgeConfig.modules_to_not_convert={self.modules_to_not_convert!r} is invalid: entry "
+                                 f"{pattern!r} is not a regular expression ({error}); allowed values: module names "
+                                 "or regular expressions") from None
 
     @property
     def has_auxiliary_branch(self) -> bool:

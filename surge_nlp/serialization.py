@@ -12,8 +12,10 @@ Two forms, chosen by `SurgeConfig.checkpoint_format` (stored in `config.json`):
 
 Both go through Transformers' own `save_pretrained` (the quantizer's `get_state_dict_and_metadata`
 calls `checkpoint_state_dict`); there is no second save path. The safetensors metadata records the
-form and a CRC-32 per tensor. Loading checks the files first (truncation, a damaged header or
-data, tensor shapes against config.json) and says what is wrong before any weight is loaded.
+form, a CRC-32 per tensor and the settings that give the tensors their meaning (bits, FFN
+activation, attention binarization). Loading checks the files first (safetensors only, truncation,
+a damaged header or data, tensor shapes and dtypes and those settings against config.json) and
+says what is wrong before any weight is loaded.
 
 Example:
     >>> import tempfile
@@ -53,6 +55,11 @@ from .packed_layers import PackedSurgeEmbedding, PackedSurgeLinear
 METADATA_FORMAT_KEY = "surge_nlp.checkpoint_format"
 # CRC-32 of every tensor's bytes, by name (safetensors itself has no checksum): catches damaged data.
 METADATA_CHECKSUMS_KEY = "surge_nlp.crc32"
+# The settings the saved tensors were computed under: config.json must agree on them, else the same
+# tensors (same names and shapes) would silently compute something else (e.g. 2-bit for 1-bit inputs).
+METADATA_CONFIG_KEY = "surge_nlp.quantization_config"
+TENSOR_MEANING_FIELDS = ("weight_bits", "activation_bits", "embedding_bits", "binarize_attention", "ffn_activation",
+                         "attention_probability_shift", "attention_probability_scale", "checkpoint_format")
 SURGE_MODULES = (SurgeLinear, PackedSurgeLinear, SurgeEmbedding, PackedSurgeEmbedding, AttentionQuantizers)
 _HEADER_LENGTH_BYTES = 8
 _SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
@@ -187,7 +194,8 @@ def checkpoint_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
     else:
         state = packed_state_dict(model)
     checksums = {name: _crc32(tensor) for name, tensor in state.items()}
-    metadata = {METADATA_FORMAT_KEY: config.checkpoint_format, METADATA_CHECKSUMS_KEY: json.dumps(checksums, separators=(",", ":"))}
+    metadata = {METADATA_FORMAT_KEY: config.checkpoint_format, METADATA_CHECKSUMS_KEY: json.dumps(checksums, separators=(",", ":")),
+                METADATA_CONFIG_KEY: json.dumps({name: getattr(config, name) for name in TENSOR_MEANING_FIELDS})}
     return state, metadata
 
 
@@ -260,6 +268,26 @@ def check_safetensors_file(path: str | os.PathLike) -> dict[str, dict]:
 
 
 _TORCH_TO_SAFETENSORS = {torch.uint8: "U8", torch.bool: "BOOL"}
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _check_saved_settings(path: str | os.PathLike, config: SurgeConfig) -> None:
+    """CheckpointError unless the settings recorded in the file (files saved before this record pass)
+    agree with config.json's on every field that gives the tensors their meaning."""
+    saved = _read_header(os.fspath(path))[1].get(METADATA_CONFIG_KEY)
+    if saved is None:
+        return
+    try:
+        settings = json.loads(saved)
+        differ = {name: (settings[name], getattr(config, name)) for name in TENSOR_MEANING_FIELDS
+                  if name in settings and settings[name] != getattr(config, name)}
+    except (json.JSONDecodeError, TypeError):
+        raise CheckpointError(f"{path} is corrupted (its {METADATA_CONFIG_KEY} metadata is not a JSON object): {_DAMAGED}") from None
+    if differ:
+        details = ", ".join(f"{name}={saved_value!r} in the file but {loaded!r} in config.json"
+                            for name, (saved_value, loaded) in differ.items())
+        raise CheckpointError(f"{path} was saved with other quantization settings than config.json gives ({details}): "
+                              "the weights and config.json do not belong together; use the config.json saved with these weights")
 
 
 def _find(key: str, header: dict[str, dict], prefix: str) -> str | None:
@@ -274,13 +302,18 @@ def validate_checkpoint(model: nn.Module, checkpoint_files: Iterable[str | os.Pa
     """Before loading a SURGE checkpoint: check every file and every SURGE tensor it must provide.
 
     `model` is the skeleton built from config.json (on the meta device is fine). Raises
-    CheckpointError for a damaged file, a missing SURGE tensor, or a shape/dtype that does not
-    match the configuration.
+    CheckpointError for a file that is not safetensors, a damaged file, a missing SURGE tensor, a
+    shape/dtype that does not match the configuration, or settings recorded in the file (bits,
+    FFN activation, attention binarization, format) that differ from config.json's.
     """
     header: dict[str, dict] = {}
+    checkpoint_files = list(checkpoint_files)
     for path in checkpoint_files:
-        if str(path).endswith(".safetensors"):
-            header.update(check_safetensors_file(path))
+        if not str(path).endswith(".safetensors"):
+            # Only safetensors can be checked before loading (and a pickled file is not opened at all).
+            raise CheckpointError(f"{path}: a SURGE checkpoint is read from safetensors files only; save it again "
+                                  "with save_pretrained (which writes safetensors)")
+        header.update(check_safetensors_file(path))
     if not header:
         return
     prefix = getattr(model, "base_model_prefix", "")
@@ -297,10 +330,15 @@ def validate_checkpoint(model: nn.Module, checkpoint_files: Iterable[str | os.Pa
                 "config.json do not belong together; save the model again with save_pretrained"
             )
         entry = header[found]
-        dtype_ok = tensor.dtype not in _TORCH_TO_SAFETENSORS or entry["dtype"] == _TORCH_TO_SAFETENSORS[tensor.dtype]
+        if tensor.is_floating_point():
+            dtype_ok = entry["dtype"] in _FLOAT_DTYPES
+        else:
+            dtype_ok = tensor.dtype not in _TORCH_TO_SAFETENSORS or entry["dtype"] == _TORCH_TO_SAFETENSORS[tensor.dtype]
         if list(entry["shape"]) != list(tensor.shape) or not dtype_ok:
             raise CheckpointError(
                 f"checkpoint tensor {found!r} is {entry['dtype']} {entry['shape']}, but the model built from config.json "
                 f"({form}, the layer sizes) expects {_TORCH_TO_SAFETENSORS.get(tensor.dtype, 'float')} {list(tensor.shape)}: "
                 "the weights and config.json do not belong together; use the config.json saved with these weights"
             )
+    for path in checkpoint_files:  # tensors that fit, but were computed under other settings
+        _check_saved_settings(path, config)

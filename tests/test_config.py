@@ -71,6 +71,11 @@ def test_the_default_config_is_bit_w1a1_with_surge_and_a_full_precision_head_and
         ("modules_to_not_convert", "pooler", "a list of non-empty module names"),
         ("modules_to_not_convert", ["pooler", ""], "a list of non-empty module names"),
         ("quant_method", "bitnet", "'surge'"),
+        ("activation_bits", 2.0, "1, 2, 4, 8, 32"),  # 2.0 == 2, but bit widths feed integer arithmetic
+        ("weight_bits", 1.0, "1"),
+        ("eta", float("inf"), "a number > 0"),
+        ("attention_probability_scale", float("inf"), "None or a number > 0"),
+        ("modules_to_not_convert", ["pooler", "layer[0"], "module names or regular expressions"),
     ],
 )
 def test_invalid_values_name_field_and_allowed_values(field, value, allowed):

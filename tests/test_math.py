@@ -260,3 +260,17 @@ def test_aux_rank_validation():
         SurgeConfig(aux_rank=0)
     with pytest.raises(ValueError, match="aux_rank=4 only applies with estimator in"):
         SurgeConfig(estimator="clipped_ste", aux_rank=4)
+
+
+
+def test_aux_rank_above_the_smallest_linear_is_refused_before_any_module_changes():
+    import surge_nlp
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100))
+    query = model.encoder.layer[0].attention.self.query
+    with pytest.raises(ValueError, match=r"SurgeConfig.aux_rank=33 is invalid for this model; allowed values: None \(full rank\) "
+                                         r"or an integer from 1 to 32"):
+        surge_nlp.binarize(model, SurgeConfig(estimator="surge", aux_rank=33))
+    assert model.encoder.layer[0].attention.self.query is query  # nothing was swapped
+    surge_nlp.binarize(model, SurgeConfig(estimator="surge", aux_rank=32))  # the largest allowed rank works

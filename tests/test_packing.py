@@ -369,6 +369,21 @@ def _load(path):
     return transformers.AutoModelForSequenceClassification.from_pretrained(path)
 
 
+def _rewrite_tensor(directory, key, change):
+    """Replace one tensor of the saved weights by `change(tensor)` (the file loses surge_nlp's metadata)."""
+    path = directory / WEIGHTS
+    tensors = load_file(path)
+    tensors[key] = change(tensors[key])
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _edit_quantization_config(directory, field, value):
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"][field] = value
+    config_path.write_text(json.dumps(config))
+
+
 def test_truncated_file_is_reported(packed_dir):
     path = packed_dir / WEIGHTS
     data = path.read_bytes()
@@ -403,11 +418,8 @@ def test_damaged_tensor_data_is_reported(packed_dir):
 
 
 def test_packed_tensor_with_the_wrong_shape_is_reported(packed_dir):
-    path = packed_dir / WEIGHTS
-    tensors = load_file(path)
     key = "bert.encoder.layer.1.intermediate.dense.weight"
-    tensors[key] = tensors[key][:, :3].contiguous()
-    save_file(tensors, path, metadata={"format": "pt"})
+    _rewrite_tensor(packed_dir, key, lambda tensor: tensor[:, :3].contiguous())
     with pytest.raises(CheckpointError, match=rf"'{key}' is U8 \[64, 3\], but the model built from config.json .* expects U8 \[64, 4\]"):
         _load(packed_dir)
 
@@ -423,12 +435,37 @@ def test_missing_packed_tensor_is_reported(packed_dir):
 
 def test_training_weights_under_a_packed_config_are_reported(tmp_path):
     _binarized(config=SurgeConfig(checkpoint_format="training")).save_pretrained(tmp_path)
-    config_path = tmp_path / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"]["checkpoint_format"] = "packed"
-    config_path.write_text(json.dumps(config))
+    _edit_quantization_config(tmp_path, "checkpoint_format", "packed")
     with pytest.raises(CheckpointError, match=r"is F32 \[32, 32\], but .*checkpoint_format='packed'.* expects U8 \[32, 4\]"):
         _load(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("activation_bits", 2, r"activation_bits=1 in the file but 2 in config.json"),
+    ("ffn_activation", "relu", r"ffn_activation='gelu' in the file but 'relu' in config.json"),
+    ("binarize_attention", False, r"binarize_attention=True in the file but False in config.json"),
+])
+def test_weights_saved_under_other_settings_are_reported(packed_dir, field, value, message):
+    # Same tensor names and shapes, other meaning: without the settings recorded in the file this
+    # config.json would load and compute something else, silently.
+    _edit_quantization_config(packed_dir, field, value)
+    with pytest.raises(CheckpointError, match=rf"saved with other quantization settings than config.json gives \({message}\)"):
+        _load(packed_dir)
+
+
+def test_a_float_tensor_stored_as_integers_is_reported(packed_dir):
+    key = "bert.encoder.layer.0.attention.self.key.weight_scale"
+    _rewrite_tensor(packed_dir, key, lambda tensor: tensor.to(torch.int64))
+    with pytest.raises(CheckpointError, match=rf"'{key}' is I64 \[32\], but .* expects float \[32\]"):
+        _load(packed_dir)
+
+
+def test_a_pickled_surge_checkpoint_is_refused_before_it_is_opened(packed_dir):
+    path = packed_dir / WEIGHTS
+    torch.save(load_file(path), packed_dir / "pytorch_model.bin")
+    path.unlink()
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: a SURGE checkpoint is read from safetensors files only"):
+        _load(packed_dir)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -437,10 +474,7 @@ def test_training_weights_under_a_packed_config_are_reported(tmp_path):
     ("weight_bitz", 1, r"SurgeConfig has no field\(s\) \['weight_bitz'\]"),
 ])
 def test_invalid_surge_field_in_config_json_is_reported(packed_dir, field, value, message):
-    config_path = packed_dir / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"][field] = value
-    config_path.write_text(json.dumps(config))
+    _edit_quantization_config(packed_dir, field, value)
     with pytest.raises(ValueError, match=message):
         _load(packed_dir)
 

@@ -35,6 +35,9 @@ def bytes_to_words(rows: torch.Tensor, columns: int) -> torch.Tensor:
     kernels' layout, so this only pads each row to whole words."""
     if sys.byteorder != "little":
         raise RuntimeError("the binary kernels' packed layout needs a little-endian machine")
+    if columns % 8:  # the last byte's unused bits: zero, as the kernels' packed activations have them
+        rows = rows.clone()
+        rows[..., -1] &= (1 << (columns % 8)) - 1
     padding = 8 * words(columns) - rows.shape[-1]
     return torch.nn.functional.pad(rows, (0, padding)).contiguous().view(torch.int64)
 
