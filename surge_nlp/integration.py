@@ -112,7 +112,7 @@ def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to
     post_relu = ffn_output_names(model) if config.ffn_activation == "relu" else set()
     if config.aux_rank is not None:
         # The low-rank branch is cut from each weight's SVD: its rank cannot exceed the smaller side.
-        smallest = min(min(model.get_submodule(name).in_features, model.get_submodule(name).out_features) for name in linear_names)
+        smallest = min(min(linear.in_features, linear.out_features) for linear in map(model.get_submodule, linear_names))
         if config.aux_rank > smallest:
             raise ValueError(f"SurgeConfig.aux_rank={config.aux_rank} is invalid for this model; allowed values: None "
                              f"(full rank) or an integer from 1 to {smallest} (the smallest side of a binarized linear)")

@@ -248,10 +248,14 @@ def _read_header(path: str) -> tuple[dict[str, dict], dict[str, str], int]:
 def check_safetensors_file(path: str | os.PathLike) -> dict[str, dict]:
     """`read_safetensors_header`, plus every tensor checked against the CRC-32 surge_nlp recorded
     when saving (files without checksums pass); raises CheckpointError naming a damaged tensor."""
-    path = os.fspath(path)
+    return _checked_file(os.fspath(path))[0]
+
+
+def _checked_file(path: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """(tensor entries, metadata) of a safetensors file whose header and checksums were checked."""
     header, metadata, data_start = _read_header(path)
     if METADATA_CHECKSUMS_KEY not in metadata:
-        return header
+        return header, metadata
     try:
         checksums = json.loads(metadata[METADATA_CHECKSUMS_KEY])
     except json.JSONDecodeError:
@@ -264,17 +268,17 @@ def check_safetensors_file(path: str | os.PathLike) -> dict[str, dict]:
             start, end = entry["data_offsets"]
             if zlib.crc32(data[data_start + start:data_start + end]) != checksums[name]:
                 raise CheckpointError(f"{path} is corrupted: the data of tensor {name!r} does not match its checksum: {_DAMAGED}")
-    return header
+    return header, metadata
 
 
 _TORCH_TO_SAFETENSORS = {torch.uint8: "U8", torch.bool: "BOOL"}
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-def _check_saved_settings(path: str | os.PathLike, config: SurgeConfig) -> None:
-    """CheckpointError unless the settings recorded in the file (files saved before this record pass)
-    agree with config.json's on every field that gives the tensors their meaning."""
-    saved = _read_header(os.fspath(path))[1].get(METADATA_CONFIG_KEY)
+def _check_saved_settings(path: str | os.PathLike, metadata: dict[str, str], config: SurgeConfig) -> None:
+    """CheckpointError unless the settings recorded in the file's `metadata` (files saved before this
+    record pass) agree with config.json's on every field that gives the tensors their meaning."""
+    saved = metadata.get(METADATA_CONFIG_KEY)
     if saved is None:
         return
     try:
@@ -307,13 +311,14 @@ def validate_checkpoint(model: nn.Module, checkpoint_files: Iterable[str | os.Pa
     FFN activation, attention binarization, format) that differ from config.json's.
     """
     header: dict[str, dict] = {}
-    checkpoint_files = list(checkpoint_files)
+    metadata_by_file: dict[str, dict[str, str]] = {}
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors"):
             # Only safetensors can be checked before loading (and a pickled file is not opened at all).
             raise CheckpointError(f"{path}: a SURGE checkpoint is read from safetensors files only; save it again "
                                   "with save_pretrained (which writes safetensors)")
-        header.update(check_safetensors_file(path))
+        file_header, metadata_by_file[os.fspath(path)] = _checked_file(os.fspath(path))
+        header.update(file_header)
     if not header:
         return
     prefix = getattr(model, "base_model_prefix", "")
@@ -340,5 +345,5 @@ def validate_checkpoint(model: nn.Module, checkpoint_files: Iterable[str | os.Pa
                 f"({form}, the layer sizes) expects {_TORCH_TO_SAFETENSORS.get(tensor.dtype, 'float')} {list(tensor.shape)}: "
                 "the weights and config.json do not belong together; use the config.json saved with these weights"
             )
-    for path in checkpoint_files:  # tensors that fit, but were computed under other settings
-        _check_saved_settings(path, config)
+    for path, metadata in metadata_by_file.items():  # tensors that fit, but were computed under other settings
+        _check_saved_settings(path, metadata, config)

@@ -78,7 +78,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: Traini
 STATE_KEYS = ("step", "epoch", "batches_in_epoch", "scheduler", "log_history")
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler) -> TrainingState:
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's `trainer_state.json`; ValueError naming the checkpoint when it is unreadable or incomplete."""
     path = checkpoint / TRAINER_STATE
     try:
         state = json.loads(path.read_text())
@@ -89,6 +90,11 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler) -> Tr
     if missing:
         raise ValueError(f"cannot resume from {checkpoint}: {path.name} lacks {missing}; it was not written by this "
                          "trainer, or by an incompatible version")
+    return state
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler) -> TrainingState:
+    state = read_trainer_state(checkpoint)
     accelerator.load_state(str(checkpoint))
     scheduler.load_state_dict(state["scheduler"])
     return TrainingState(state["step"], state["epoch"], state["batches_in_epoch"], state["log_history"], state.get("best"))
@@ -134,8 +140,8 @@ def prune_best(output_dir: Path, current: int | None) -> None:
     keep = {current} if current is not None else set()
     for checkpoint in list_checkpoints(output_dir):
         try:
-            best = json.loads((checkpoint / TRAINER_STATE).read_text()).get("best")
-        except (OSError, ValueError, AttributeError):
+            best = read_trainer_state(checkpoint).get("best")
+        except ValueError:
             continue  # a damaged checkpoint cannot be resumed from (load_checkpoint says so)
         if best is not None:
             keep.add(best["step"])
