@@ -65,6 +65,8 @@ def measure(name: str, model: torch.nn.Module, config: surge_nlp.SurgeConfig | N
     with tempfile.TemporaryDirectory() as directory:
         if config is not None:
             model = surge_nlp.binarize(model, config)
+            # A packed checkpoint holds calibrated activation scales; one forward sets them (sizes do not depend on it).
+            surge_nlp.calibrate(model, {"input_ids": torch.randint(0, model.config.vocab_size, (2, 16))})
         model.save_pretrained(directory)
         figures = _file_figures(directory)
     row = {"setting": name, "file_bytes": figures["file_bytes"], "header_bytes": figures["header_bytes"]}

@@ -3,7 +3,9 @@
 A killed process leaves the old target or the new one, never half of one that looks whole. The
 temporary is hidden (`.NAME.<token>.tmp<suffix>`, so no reader that lists files by name mistakes
 it for a result; the suffix is kept because some writers, such as matplotlib, read the format from
-it) and is removed when the write fails. Every writer of the package goes through here: JSON
+it) and is removed when the write fails. The written data is flushed to disk (fsync) before the
+rename and the rename after it, so that a power loss, too, leaves the old target or the whole new
+one. Every writer of the package goes through here: JSON
 results, `save_pretrained` folders, trainer checkpoints, best weights, plots, submissions and the
 compiled kernel library.
 
@@ -45,10 +47,38 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _fsync(path: Path) -> None:
+    """Flush `path` (a file, or a directory's entries) to disk; a no-op where the platform cannot
+    open a directory (Windows)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(path: Path) -> None:
+    """`_fsync` of a file, or of every file and folder under a directory (a save_pretrained folder)."""
+    if path.is_dir() and not path.is_symlink():
+        for folder, _, files in os.walk(path):
+            for name in files:
+                _fsync(Path(folder) / name)
+            _fsync(Path(folder))
+    else:
+        _fsync(path)
+
+
 def commit(temporary: Path, path: str | os.PathLike) -> None:
     """Rename a finished `temporary` over `path`. A file replaces atomically; a directory replaces
-    an existing one by moving the old aside first, so `path` is never a mix of both."""
+    an existing one by moving the old aside first, so `path` is never a mix of both. The data is on
+    disk before the rename, and the rename on disk when this returns."""
     path = Path(path)
+    _fsync_tree(temporary)
     if temporary.is_dir() and path.exists():
         old = temporary_sibling(path)
         os.replace(path, old)
@@ -56,6 +86,7 @@ def commit(temporary: Path, path: str | os.PathLike) -> None:
         _remove(old)
     else:
         os.replace(temporary, path)
+    _fsync(path.parent)
 
 
 @contextmanager

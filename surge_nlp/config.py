@@ -211,12 +211,16 @@ class SurgeConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        """Build from a dict (e.g. `config.json`'s `quantization_config`); unknown keys raise."""
+        """Build from a dict (e.g. `config.json`'s `quantization_config`); unknown keys raise. Keyword
+        arguments that name a field override the dict's value and are validated with it (Transformers'
+        base class sets them after validation); the others are returned unused when asked."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(config_dict) - known)
         if unknown:
             raise ValueError(f"SurgeConfig has no field(s) {unknown}; allowed fields: {sorted(known)}")
-        return super().from_dict(dict(config_dict), return_unused_kwargs=return_unused_kwargs, **kwargs)
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in known}
+        config = cls(**{**config_dict, **overrides})
+        return (config, kwargs) if return_unused_kwargs else config
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}

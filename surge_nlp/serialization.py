@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import zlib
@@ -48,6 +49,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionQuantizers
+from .binarizers import ActivationQuantizer
 from .config import CHECKPOINT_FORMATS, SurgeConfig
 from .layers import SurgeEmbedding, SurgeLinear
 from .packed_layers import PackedSurgeEmbedding, PackedSurgeLinear
@@ -162,7 +164,17 @@ def pack_model(model: nn.Module) -> nn.Module:
 
 
 def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The deployable state dict: `model.state_dict()` with every binarized layer in packed form."""
+    """The deployable state dict: `model.state_dict()` with every binarized layer in packed form.
+    Raises ValueError when an activation quantizer was never calibrated: reloaded, such a model
+    would take its scales from whatever batch it saw first."""
+    uncalibrated = [name for name, module in model.named_modules()
+                    if isinstance(module, ActivationQuantizer) and not bool(module.initialized)]
+    if uncalibrated:
+        raise ValueError(
+            f"checkpoint_format='packed' saves the deployable model, but {len(uncalibrated)} activation quantizer(s) "
+            f"are not calibrated (first: {uncalibrated[0]}); train the model, or run surge_nlp.calibrate(model, batch) "
+            "on representative inputs, before saving; or save with checkpoint_format='training'"
+        )
     state = model.state_dict()
     for name, module in model.named_modules():
         packed = _packed_module(module, name, model)
@@ -208,6 +220,11 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
     return _read_header(os.fspath(path))[0]
 
 
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (JSON's true/false are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _read_header(path: str) -> tuple[dict[str, dict], dict[str, str], int]:
     """(tensor entries, metadata, offset of the data section) of a checked safetensors file."""
     size = os.path.getsize(path)
@@ -225,19 +242,29 @@ def _read_header(path: str) -> tuple[dict[str, dict], dict[str, str], int]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is corrupted (its safetensors header is not a JSON object): {_DAMAGED}")
     metadata = header.pop("__metadata__", None) or {}
-    data_end = 0
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path} is corrupted (its __metadata__ is not a mapping of strings): {_DAMAGED}")
+    spans = []
     for name, entry in header.items():
         try:
             start, end = entry["data_offsets"]
-            count = 1
-            for dim in entry["shape"]:
-                count *= dim
-            expected = count * _SAFETENSORS_ITEMSIZE[entry["dtype"]]
+            shape, itemsize = entry["shape"], _SAFETENSORS_ITEMSIZE[entry["dtype"]]
+            if not (_is_count(start) and _is_count(end) and start <= end and isinstance(shape, list)
+                    and all(_is_count(dim) for dim in shape)):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path} is corrupted (tensor {name!r} has an invalid header entry {entry!r}): {_DAMAGED}") from None
+        expected = math.prod(shape) * itemsize
         if end - start != expected:
             raise CheckpointError(f"{path} is corrupted (tensor {name!r} spans {end - start} bytes, its dtype and shape need {expected}): {_DAMAGED}")
-        data_end = max(data_end, end)
+        spans.append((start, end, name))
+    # As the safetensors format requires: the tensors tile the data section, in order, no gap or overlap.
+    data_end = 0
+    for start, end, name in sorted(spans):
+        if start != data_end:
+            problem = "overlaps the tensor before it" if start < data_end else f"leaves {start - data_end} unclaimed bytes before it"
+            raise CheckpointError(f"{path} is corrupted (tensor {name!r} at bytes {start}-{end} {problem}): {_DAMAGED}")
+        data_end = end
     available = size - _HEADER_LENGTH_BYTES - header_length
     if available != data_end:
         problem = "truncated" if available < data_end else "corrupted (trailing bytes)"

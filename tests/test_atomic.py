@@ -67,3 +67,24 @@ def test_commit_of_a_file_over_a_file(tmp_path):
     temporary.write_text("new")
     commit(temporary, path)
     assert path.read_text() == "new" and not temporary.exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names file descriptors through Linux's /proc")
+def test_the_data_reaches_the_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    # Atomic is not durable without fsync: after a power loss the renamed name could hold empty files.
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    target = tmp_path / "student"
+    with atomic_write(target) as temporary:
+        (temporary / "nested").mkdir(parents=True)
+        (temporary / "config.json").write_text("{}")
+        (temporary / "nested" / "model.safetensors").write_bytes(b"\0" * 8)
+    first_replace = events.index(("replace", str(target)))
+    synced_before = {os.path.relpath(path, temporary) for kind, path in events[:first_replace] if kind == "fsync"}
+    assert synced_before == {".", "config.json", "nested", os.path.join("nested", "model.safetensors")}
+    assert events[-1] == ("fsync", str(tmp_path))  # the parent's entry for the new name
+    events.clear()
+    write_json_atomically(tmp_path / "results.json", {"accuracy": 0.5})
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"] and events[-1][1] == str(tmp_path)

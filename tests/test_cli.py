@@ -385,6 +385,40 @@ def test_glue_evaluates_what_it_ships(rte_run, capsys):
         assert shipped["deployed"] is None and shipped["deployed_unavailable"]
 
 
+def test_evaluate_shipped_measures_disagreement_and_says_why_kernels_are_missing(rte_run, monkeypatch):
+    import importlib
+
+    from surge_nlp.kernels import ops
+    from surge_nlp.recipe import load_recipe
+    from surge_nlp.shipped import evaluate_shipped
+
+    deploy_module = importlib.import_module("surge_nlp.deploy")  # the package's `deploy` is the function
+
+    out, recipe_path = rte_run
+    recipe = load_recipe(str(recipe_path))
+    packed = json.loads((out / "results.json").read_text())["stages"][-1]["metrics"]
+    monkeypatch.setattr(ops, "available", lambda: False)
+    monkeypatch.setattr(ops, "unavailable_reason", lambda: "no C compiler (test)")
+    assert evaluate_shipped(recipe, out / "student") == {"packed": packed, "deployed": None,
+                                                          "deployed_unavailable": "no C compiler (test)"}
+
+    class Flipped(torch.nn.Module):  # a "deployed" form that predicts the other class everywhere
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **inputs):
+            output = self.inner(**inputs)
+            output.logits = -output.logits
+            return output
+
+    monkeypatch.setattr(ops, "available", lambda: True)
+    monkeypatch.setattr(deploy_module, "deploy", Flipped)
+    shipped = evaluate_shipped(recipe, out / "student")
+    assert shipped["packed"] == packed and shipped["agreement"] == {"validation": 0.0} and "speed" not in shipped
+    assert shipped["deployed"]["validation"]["accuracy"] == pytest.approx(1 - packed["validation"]["accuracy"])
+
+
 def test_glue_prints_totals_and_the_layer_table_on_request(tmp_path, tiny_base, capsys, monkeypatch):
     recipe = write_recipe(tmp_path / "rte.yaml", "rte", tiny_base)
     code, stdout, _ = run(capsys, "glue", "rte", "--recipe", recipe, "--output", tmp_path / "a")

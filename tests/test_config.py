@@ -103,6 +103,18 @@ def test_unknown_field_from_dict_names_it():
         SurgeConfig.from_dict({"quant_method": "surge", "act_bits": 1})
 
 
+def test_from_dict_keyword_overrides_are_validated_and_the_rest_returned():
+    config, unused = SurgeConfig.from_dict({"quant_method": "surge"}, return_unused_kwargs=True,
+                                           activation_bits=2, output_attentions=True)
+    assert config.activation_bits == 2 and unused == {"output_attentions": True}
+    assert SurgeConfig.from_dict({"quant_method": "surge", "weight_bits": 1}, eta=0.5).eta == 0.5
+    # Transformers' base class set these after validation: a float bit width reached deploy's integer code.
+    with pytest.raises(ValueError, match="activation_bits"):
+        SurgeConfig.from_dict({"quant_method": "surge"}, activation_bits=2.0)
+    with pytest.raises(ValueError, match="estimator"):
+        SurgeConfig.from_dict({"quant_method": "surge"}, estimator="nonsense")
+
+
 def test_registered_with_transformers_and_reimport_is_idempotent():
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoQuantizationConfig
 

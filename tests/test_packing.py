@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import surge_nlp
 from surge_nlp import CheckpointError, PackedSurgeEmbedding, PackedSurgeLinear, SurgeConfig, SurgeEmbedding, SurgeLinear
+from surge_nlp.binarizers import ActivationQuantizer
 from surge_nlp.packing import pack_signs, unpack_signs
 from surge_nlp.serialization import read_safetensors_header
 
@@ -384,6 +385,23 @@ def _edit_quantization_config(directory, field, value):
     config_path.write_text(json.dumps(config))
 
 
+def test_an_uncalibrated_model_is_not_saved_packed(tmp_path):
+    # Reloaded, it would take its activation scales from whatever batch came first.
+    torch.manual_seed(0)
+    model = surge_nlp.binarize(transformers.BertForSequenceClassification(tiny_config(**NO_DROPOUT)), SurgeConfig())
+    with pytest.raises(ValueError, match=r"not calibrated \(first: bert\.encoder\.layer\.0\..*surge_nlp\.calibrate"):
+        model.save_pretrained(tmp_path / "packed")
+    assert not (tmp_path / "packed" / WEIGHTS).exists()
+    surge_nlp.set_checkpoint_format(model, "training")  # the latent weights are a valid start for training
+    model.save_pretrained(tmp_path / "training")
+    surge_nlp.set_checkpoint_format(model, "packed")
+    batch = fixed_batch()
+    assert surge_nlp.calibrate(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}) > 0
+    model.save_pretrained(tmp_path / "packed")
+    reloaded = _load(tmp_path / "packed")
+    assert all(bool(q.initialized) for q in reloaded.modules() if isinstance(q, ActivationQuantizer))
+
+
 def test_truncated_file_is_reported(packed_dir):
     path = packed_dir / WEIGHTS
     data = path.read_bytes()
@@ -401,6 +419,49 @@ def test_corrupted_header_is_reported(packed_dir):
     data[8:12] = b"\xff\xfe{["
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupted .*not valid JSON.*download the checkpoint again"):
+        _load(packed_dir)
+
+
+def _rewrite_header(path, change):
+    """Rewrite the JSON header of a safetensors file by `change(header)`, keeping its data section."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    change(header)
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data[8 + length:])
+
+
+def _two_tensors(header):
+    names = sorted((name for name in header if name != "__metadata__"), key=lambda name: header[name]["data_offsets"][0])
+    return [header[name] for name in names if header[name]["data_offsets"][1] - header[name]["data_offsets"][0] >= 4][:2]
+
+
+def _swap_data_between(header):
+    # The first tensor claims bytes 1.. of its span plus one of the next: same sizes, same total, overlapping.
+    first, second = _two_tensors(header)
+    start, end = first["data_offsets"]
+    first["data_offsets"] = [start + 1, end + 1]
+
+
+def _shift_negative(header):
+    first, _ = _two_tensors(header)
+    first["data_offsets"] = [-4, first["data_offsets"][1] - first["data_offsets"][0] - 4]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda header: _two_tensors(header)[0].update(data_offsets=["0", "4"]), "has an invalid header entry"),
+    (_shift_negative, "has an invalid header entry"),
+    (lambda header: _two_tensors(header)[0].update(shape=[True, 4]), "has an invalid header entry"),
+    (lambda header: _two_tensors(header)[0].update(dtype="F128"), "has an invalid header entry"),
+    (_swap_data_between, r"at bytes \d+-\d+ (overlaps the tensor before it|leaves 1 unclaimed bytes before it)"),
+    (lambda header: header["__metadata__"].update(format=1), "its __metadata__ is not a mapping of strings"),
+])
+def test_a_lying_header_is_reported(packed_dir, change, message):
+    # Each header is valid JSON with consistent sizes; only the entries lie (before: a TypeError or the
+    # safetensors library's own error, not a CheckpointError naming the file).
+    _rewrite_header(packed_dir / WEIGHTS, change)
+    with pytest.raises(CheckpointError, match=f"model.safetensors is corrupted .*{message}.*download the checkpoint again"):
         _load(packed_dir)
 
 
