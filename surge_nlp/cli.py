@@ -146,9 +146,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from .models import resolve_model
-    from .pipeline import PipelineResult, _save_atomically, check_tokenizers, distill_stages, load_teacher, write_once
-    from .shipped import evaluate_shipped
-    from .serialization import set_checkpoint_format
+    from .pipeline import check_tokenizers, distill_stages, load_teacher, ship_student
     from transformers import AutoTokenizer
 
     recipe = _recipe(args)
@@ -163,14 +161,12 @@ def cmd_distill(args: argparse.Namespace) -> None:
         check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(start), args.teacher, args.student)
     output = Path(args.output)
     student, stages = distill_stages(recipe, teacher, start, tokenizer, output, resume=args.resume, report_to=args.report_to,
-                                     progress=not args.quiet)
-    set_checkpoint_format(student, "packed")
-    write_once(lambda: _save_atomically(student, output / "student", tokenizer))
-    shipped = evaluate_shipped(recipe, output / "student", tokenizer, reference=teacher)
+                                     progress=not args.quiet, teacher_source=args.teacher)
+    result = ship_student(recipe, student, tokenizer, teacher, teacher_info, stages, output)
     if _is_main_process():
         _write_plots(output)
-        _print_table(PipelineResult(recipe.task, teacher_info, stages, shipped=shipped))
-        print(f"packed student: {output / 'student'}")
+        _print_table(result)
+        print(f"packed student: {result.student_dir}\nresults: {output / 'results.json'}")
 
 
 def _load_for_task(path: str, task: str):

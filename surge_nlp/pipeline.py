@@ -4,11 +4,14 @@ packed, optionally push to the Hub. The CLI's subcommands are thin wrappers over
 Layout of an output directory (`--resume` continues from whatever it holds):
 
     teacher/                 fine-tuned FP teacher (save_pretrained) + teacher_metrics.json
-    teacher_training/        its trainer checkpoints and log history
-    stages/<name>/           a stage's trainer checkpoints, log history, and on completion
+    teacher_training/        its trainer checkpoints and log history, settings.json
+    stages/<name>/           a stage's trainer checkpoints, log history, settings.json, and on completion
     stages/<name>/final/     the stage's student as a training checkpoint (latent + auxiliary weights)
     student/                 the last stage's student, packed 1-bit (deployable) + tokenizer
     results.json             teacher and student metrics, wall times, sizes, the recipe used
+
+`settings.json` records what a teacher or stage is made from (the recipe's settings for it, its data,
+and for a stage everything upstream); `--resume` refuses to continue or reuse one made otherwise.
 
 Example:
     >>> from surge_nlp.pipeline import run_glue
@@ -35,6 +38,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from .atomic import atomic_write, write_json_atomically
 from .config import SurgeConfig
 from .distill import TrainingConfig, train
+from .distill.setup import has_accelerator_device
 from .binarize import from_pretrained
 from .binarizers import ActivationQuantizer
 from .glue import GlueData, compute_metrics, evaluate_model, get_task, load_glue, make_dataloader
@@ -56,8 +60,9 @@ def write_once(write: Callable[[], Any]) -> None:
 
     Under `accelerate launch` every process runs the pipeline (each trains its shard, and the
     trainer keeps the replicas identical); one of them writes each file, and the others read it
-    only after it is whole. A single process just writes."""
-    state = PartialState()
+    only after it is whole. A single process just writes. The process state is set up as the
+    trainer's Accelerator sets it up (accelerate fixes it at the first call), since this may come first."""
+    state = PartialState(cpu=not has_accelerator_device())
     if state.is_main_process:
         write()
     state.wait_for_everyone()
@@ -78,6 +83,46 @@ def _save_with_json(model: nn.Module, directory: Path, json_name: str, info: dic
         _save_atomically(model, directory, tokenizer)
         write_json_atomically(directory / json_name, info)
     write_once(write)
+
+
+SETTINGS_FILE = "settings.json"
+
+
+def _data_settings(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's settings that decide which rows a run trains and selects on."""
+    return {"task": recipe.task, "dataset": recipe.dataset, "max_seq_length": recipe.max_seq_length,
+            "max_train_samples": recipe.max_train_samples, "max_eval_samples": recipe.max_eval_samples,
+            "selection": recipe.selection.to_dict()}
+
+
+def teacher_settings(recipe: Recipe) -> dict[str, Any]:
+    """What the fine-tuned teacher is made from."""
+    return {"model": recipe.model, "training": recipe.teacher.to_dict(), **_data_settings(recipe)}
+
+
+def _stage_settings(recipe: Recipe, stage: Stage, teacher: dict[str, Any], upstream: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a stage's student is made from: its own settings, its data, the teacher, the earlier stages."""
+    return {"stage": stage.name, "quantization": stage.quantization.to_dict(), "training": stage.training.to_dict(),
+            "keep_shifts": stage.keep_shifts, "augmentation": recipe.augmentation.to_dict(), **_data_settings(recipe),
+            "teacher": teacher, "earlier_stages": upstream}
+
+
+def check_and_record_settings(directory: Path, settings: dict[str, Any], what: str, resume: bool) -> None:
+    """With `resume`, refuse to continue or reuse the `what` in `directory` when it was made with other
+    settings (a directory from before this record is not checked); then record `settings` there."""
+    settings = json.loads(json.dumps(settings, default=str))  # as JSON gives it back
+    path = directory / SETTINGS_FILE
+    if resume and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise PipelineError(f"--resume: {path} is unreadable ({err}); remove {directory} to redo the {what}") from None
+        changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
+        if changed:
+            raise PipelineError(f"--resume: the {what} in {directory} was made with other settings than this recipe's "
+                                f"(differing: {', '.join(changed)}; recorded in {path}); resume with the recipe it was "
+                                "made with, or choose a new output directory")
+    write_once(lambda: write_json_atomically(path, settings))
 
 
 def check_tokenizers(teacher_tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase,
@@ -148,6 +193,7 @@ def finetune_teacher(recipe: Recipe, output_dir: Path, resume: bool = False,
     task = get_task(recipe.task)
     teacher_dir = output_dir / "teacher"
     model_path = resolve_model(recipe.model)
+    check_and_record_settings(output_dir / "teacher_training", teacher_settings(recipe), "teacher", resume)
     if resume and (teacher_dir / "teacher_metrics.json").is_file():
         logger.info("resume: teacher already fine-tuned in %s", teacher_dir)
         teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
@@ -203,9 +249,16 @@ class PipelineResult:
 
 def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, tokenizer, output_dir: Path,
                    resume: bool = False, report_to: str | list[str] | None = None,
-                   progress: bool = True) -> tuple[nn.Module, list[dict[str, Any]]]:
+                   progress: bool = True, teacher_source: str | None = None) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Run the recipe's stages; stage 1's student starts from `teacher_dir`'s weights, each later
-    one from the previous student, which is also its teacher. Completed stages are reloaded on resume."""
+    one from the previous student, which is also its teacher. Completed stages are reloaded on resume
+    (when made with the same settings: `check_and_record_settings`). `teacher_source` names a teacher
+    loaded from elsewhere than `teacher_dir` (the CLI's `distill --teacher T --student S`)."""
+    if Path(teacher_dir) == output_dir / "teacher":
+        teacher_identity = teacher_settings(recipe)
+    else:
+        teacher_identity = {"teacher": teacher_source or str(teacher_dir), "start": str(teacher_dir)}
+    upstream: list[dict[str, Any]] = []
     data = load_data(recipe, tokenizer)
     if recipe.augmentation.enabled:  # the teacher scores every added input; their labels are never read
         others = [load_glue(name, tokenizer, dataset=recipe.dataset, splits=("train",),
@@ -217,6 +270,9 @@ def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, 
     for stage in recipe.stages:
         stage_dir = output_dir / "stages" / stage.name
         final = stage_dir / "final"
+        settings = _stage_settings(recipe, stage, teacher_identity, upstream)
+        check_and_record_settings(stage_dir, settings, f"stage {stage.name!r}", resume)
+        upstream = [*upstream, {key: value for key, value in settings.items() if key not in ("teacher", "earlier_stages")}]
         if resume and (final / "stage.json").is_file():
             logger.info("resume: stage %s already done", stage.name)
             student = AutoModelForSequenceClassification.from_pretrained(final)
@@ -244,6 +300,22 @@ def build_student(teacher_dir: str | Path, stage: Stage, previous: nn.Module | N
     return student
 
 
+def ship_student(recipe: Recipe, student: nn.Module, tokenizer: PreTrainedTokenizerBase, teacher: nn.Module,
+                 teacher_info: dict[str, Any], stages: list[dict[str, Any]], output_dir: Path) -> PipelineResult:
+    """Save the last stage's student packed to `output_dir/student`, measure what is shipped
+    (`evaluate_shipped`, against the teacher's speed) and write every number to `results.json`."""
+    set_checkpoint_format(student, "packed")
+    write_once(lambda: _save_atomically(student, output_dir / "student", tokenizer))
+    report = summary(student, print_fn=None)
+    shipped = evaluate_shipped(recipe, output_dir / "student", tokenizer, reference=teacher)
+    result = PipelineResult(recipe.task, teacher_info, stages, str(output_dir / "student"), report.totals, shipped)
+    write_once(lambda: write_json_atomically(output_dir / "results.json", {
+        "task": recipe.task, "recipe": recipe.sources, "augmentation": recipe.augmentation.to_dict(),
+        "selection": recipe.selection.to_dict(), "teacher": teacher_info, "stages": stages,
+        "student_dir": result.student_dir, "summary": report.totals, "shipped": shipped}))
+    return result
+
+
 def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = None, resume: bool = False,
              push_to_hub: str | None = None, report_to: str | list[str] | None = None,
              progress: bool = True) -> PipelineResult:
@@ -256,22 +328,15 @@ def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = 
     else:
         teacher, tokenizer, teacher_info = load_teacher(recipe, teacher_path)
         teacher_dir = resolve_model(teacher_path)
-    student, stages = distill_stages(recipe, teacher, teacher_dir, tokenizer, output_dir, resume, report_to, progress)
+    student, stages = distill_stages(recipe, teacher, teacher_dir, tokenizer, output_dir, resume, report_to, progress,
+                                     teacher_source=teacher_path)
 
-    set_checkpoint_format(student, "packed")
-    write_once(lambda: _save_atomically(student, output_dir / "student", tokenizer))
-    report = summary(student, print_fn=None)
-    shipped = evaluate_shipped(recipe, output_dir / "student", tokenizer, reference=teacher)
-    result = PipelineResult(recipe.task, teacher_info, stages, str(output_dir / "student"), report.totals, shipped)
-    write_once(lambda: write_json_atomically(output_dir / "results.json", {
-        "task": recipe.task, "recipe": recipe.sources, "augmentation": recipe.augmentation.to_dict(),
-        "selection": recipe.selection.to_dict(), "teacher": teacher_info, "stages": stages,
-        "student_dir": result.student_dir, "summary": report.totals, "shipped": shipped}))
+    result = ship_student(recipe, student, tokenizer, teacher, teacher_info, stages, output_dir)
     if push_to_hub:
         from .hub import push_to_hub as push
 
         metrics = next(iter(result.student["metrics"].values()))
-        speedup = (shipped.get("speed") or {}).get("speedup")
+        speedup = (result.shipped.get("speed") or {}).get("speedup")
         write_once(lambda: push(student, push_to_hub, metrics=metrics, task=recipe.task, base_model=recipe.model, speedup=speedup))
     return result
 
@@ -290,5 +355,5 @@ def load_teacher(recipe: Recipe, teacher_path: str) -> tuple[nn.Module, PreTrain
 
 
 __all__ = ["PipelineError", "PipelineResult", "build_student", "check_labels", "check_tokenizers",
-           "distill_stages", "evaluate_shipped", "finetune_teacher", "inherit_weights", "load_teacher", "resolve_model", "run_glue", "set_label_names",
+           "check_and_record_settings", "distill_stages", "evaluate_shipped", "finetune_teacher", "ship_student", "teacher_settings", "inherit_weights", "load_teacher", "resolve_model", "run_glue", "set_label_names",
            "write_json_atomically", "write_once"]

@@ -156,6 +156,7 @@ class Recipe:
             selection = Selection.from_dict(data.get("selection"))
         except (ValueError, TypeError) as err:
             raise RecipeError(f"{where}: {err}") from None
+        _check_training_roles(teacher, stages, selection)
         labelled = [stage.name for stage in stages if stage.training.ground_truth_weight > 0]
         if augmentation.enabled and labelled:
             raise RecipeError(f"{where}: augmentation (copies={augmentation.copies}, other_tasks="
@@ -172,6 +173,27 @@ class Recipe:
                    dataset=data.get("dataset"), max_seq_length=data.get("max_seq_length"),
                    max_train_samples=data.get("max_train_samples"), max_eval_samples=data.get("max_eval_samples"),
                    augmentation=augmentation, selection=selection, sources=list(sources or []))
+
+
+def _check_training_roles(teacher: TrainingConfig, stages: list[Stage], selection: Selection) -> None:
+    """What the pipeline would only find out hours in (after the teacher's fine-tuning): the teacher
+    learns from the labels alone, every stage from a teacher, one mixed precision for the whole run
+    (accelerate fixes it once per process), and a held-out selection that some stage uses."""
+    if teacher.distills or teacher.ground_truth_weight <= 0:
+        raise RecipeError(f"`teacher` fine-tunes on the labels: it needs ground_truth_weight > 0 (got "
+                          f"{teacher.ground_truth_weight}) and logits_weight, hidden_weight, attention_weight 0 (got "
+                          f"{teacher.logits_weight}, {teacher.hidden_weight}, {teacher.attention_weight})")
+    for stage in stages:
+        if not stage.training.distills:
+            raise RecipeError(f"stage {stage.name!r} is distilled from a teacher: set one of its logits_weight, "
+                              "hidden_weight, attention_weight > 0 (all are 0)")
+    precisions = {"teacher": teacher.mixed_precision, **{f"stage {s.name}": s.training.mixed_precision for s in stages}}
+    if len(set(precisions.values())) > 1:
+        raise RecipeError(f"mixed_precision must be the same for the teacher and every stage (one run is one process, and "
+                          f"accelerate fixes it once per process); got {precisions}")
+    if selection.held_out and not any(stage.training.eval_every is not None for stage in stages):
+        raise RecipeError(f"selection.held_out={selection.held_out} sets training rows aside to pick the kept epoch, but no "
+                          "stage evaluates while training (eval_every is null everywhere); set eval_every, or drop `selection`")
 
 
 def _settings(value: Any, section: str) -> dict[str, Any]:
@@ -252,9 +274,13 @@ def _parse_value(raw: str) -> Any:
 
 
 def load_recipe(task_or_path: str, profiles: Sequence[str] = (), overrides: dict[str, Any] | None = None) -> Recipe:
-    """defaults.yaml + the task's recipe (a task name or a .yaml path) + profiles, in order + overrides."""
+    """defaults.yaml + the task's recipe (a task name or a .yaml path) + profiles, in order + overrides.
+    A recipe given by path lies over the `defaults.yaml` beside it, else over the shipped one (so a
+    copy of a shipped task recipe, edited elsewhere, keeps the defaults it was written against)."""
     recipe_path = _find(task_or_path, "recipe")
     defaults_path = recipe_path.parent / "defaults.yaml"
+    if not defaults_path.is_file():
+        defaults_path = recipe_dir() / "defaults.yaml"
     data, sources = {}, []
     if defaults_path.is_file() and defaults_path != recipe_path:
         data, sources = _read_yaml(defaults_path), [str(defaults_path)]

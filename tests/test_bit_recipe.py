@@ -430,6 +430,11 @@ def test_epoch_evaluation_and_loss_selection(tmp_path):
     assert result.best_step == result.eval_history[losses.index(min(losses))]["step"]
     assert is_improvement(0.4, 0.5, "loss") and not is_improvement(0.5, 0.5, "accuracy")
     assert is_improvement(0.6, 0.5, "accuracy") and is_improvement(1.0, None, "accuracy")
+    # A NaN evaluation (diverged student, NaN predictions) never wins and never locks the selection.
+    nan = float("nan")
+    assert is_improvement(0.1, nan, "accuracy") and is_improvement(9.0, nan, "loss")
+    assert not is_improvement(nan, 0.5, "accuracy") and not is_improvement(nan, 0.5, "loss")
+    assert not is_improvement(nan, None, "accuracy")
 
 
 class Killed(Exception):

@@ -96,6 +96,20 @@ def test_resume_skips_finished_work_and_keeps_the_numbers(rte_run, capsys, monke
     assert after["teacher"]["metrics"] == before["teacher"]["metrics"]
     assert after["stages"][0]["metrics"] == before["stages"][0]["metrics"]
 
+    # Work made under other settings is neither reused nor continued (before: silently reused, and
+    # results.json named the new recipe). Nothing is written by a refused resume.
+    stage_settings = (out / "stages" / before["stages"][0]["name"] / "settings.json").read_text()
+    message = _one_line_error(capsys, "glue", "rte", "--recipe", recipe, "--output", out, "--resume",
+                              "--set", "stages.0.quantization.eta=1.0")
+    assert f"the stage '{before['stages'][0]['name']}' in {out / 'stages'}" in message and "(differing: quantization;" in message
+    assert (out / "stages" / before["stages"][0]["name"] / "settings.json").read_text() == stage_settings
+    message = _one_line_error(capsys, "glue", "rte", "--recipe", recipe, "--output", out, "--resume",
+                              "--set", "teacher.learning_rate=0.002")
+    assert f"the teacher in {out / 'teacher_training'} was made with other settings" in message and "(differing: training;" in message
+    message = _one_line_error(capsys, "glue", "rte", "--recipe", recipe, "--output", out, "--resume",
+                              "--set", "max_train_samples=16")
+    assert "the teacher in" in message and "(differing: max_train_samples;" in message
+
 
 def test_stsb_finetune_then_distill_two_stages(tmp_path, tiny_base, capsys):
     stages = [{"name": "w1a4", "quantization": {"activation_bits": 4, "estimator": "surge"}},
@@ -112,6 +126,18 @@ def test_stsb_finetune_then_distill_two_stages(tmp_path, tiny_base, capsys):
         config = json.loads((tmp_path / "d" / "stages" / stage / "final" / "config.json").read_text())
         assert config["quantization_config"]["activation_bits"] == bits
         assert config["quantization_config"]["checkpoint_format"] == "training"
+    # distill writes results.json as glue does: the stages, and what is shipped measured on the packed student.
+    results = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert [stage["name"] for stage in results["stages"]] == ["w1a4", "w1a1"]
+    assert results["shipped"]["packed"] == results["stages"][-1]["metrics"]
+    assert results["teacher"]["model"] == str(tmp_path / "ft" / "teacher") and results["summary"]["binarized_layers"] > 0
+    # A resume with another teacher is refused: the stages were distilled from the first one.
+    import shutil
+
+    shutil.copytree(tmp_path / "ft" / "teacher", tmp_path / "other_teacher")
+    message = _one_line_error(capsys, "distill", "stsb", "--recipe", recipe, "--teacher", tmp_path / "other_teacher",
+                              "--output", tmp_path / "d", "--resume")
+    assert "the stage 'w1a4'" in message and "(differing: teacher;" in message
 
 
 # ---- recipes -------------------------------------------------------------------------------------
@@ -160,6 +186,17 @@ def test_merge_is_deep_for_mappings_and_replaces_lists():
          "stage 1 (s): `training` must be a mapping of settings, got [2]"),
         ("task: rte\nmodel: m\nstages: [{name: s, quantization: 1}]", "stage 1 (s): `quantization` must be a mapping of settings, got 1"),
         ("task: rte\nmodel: m\ndataset: 123\nstages: [{quantization: {}}]", "`dataset` must be null or a non-empty string"),
+        # Found before the teacher's fine-tuning, not after it:
+        ("task: rte\nmodel: m\nteacher: {logits_weight: 1.0}\nstages: [{quantization: {}}]",
+         "`teacher` fine-tunes on the labels: it needs ground_truth_weight > 0 (got 1.0) and logits_weight, hidden_weight, "
+         "attention_weight 0 (got 1.0, 0.0, 0.0)"),
+        ("task: rte\nmodel: m\ndistill: {logits_weight: 0, hidden_weight: 0, ground_truth_weight: 1}\nstages: [{name: s, quantization: {}}]",
+         "stage 's' is distilled from a teacher: set one of its logits_weight, hidden_weight, attention_weight > 0"),
+        ("task: rte\nmodel: m\ndistill: {mixed_precision: bf16}\nstages: [{name: s, quantization: {}}]",
+         "mixed_precision must be the same for the teacher and every stage (one run is one process, and accelerate fixes it "
+         "once per process); got {'teacher': 'no', 'stage s': 'bf16'}"),
+        ("task: rte\nmodel: m\nselection: {held_out: 0.1}\nstages: [{quantization: {}}]",
+         "selection.held_out=0.1 sets training rows aside to pick the kept epoch, but no stage evaluates while training"),
     ],
 )
 def test_bad_recipes_are_one_clear_error(tmp_path, capsys, content, message):
@@ -169,6 +206,18 @@ def test_bad_recipes_are_one_clear_error(tmp_path, capsys, content, message):
         load_recipe(str(path))
     assert message in str(err.value)
     assert message in _one_line_error(capsys, "glue", "rte", "--recipe", path, "--output", tmp_path / "out")
+
+
+def test_a_copied_task_recipe_keeps_the_shipped_defaults(tmp_path):
+    # Before, a recipe path without a defaults.yaml beside it lost the defaults: the teacher section
+    # fell back to TrainingConfig's (a distilling config), found only when the teacher was trained.
+    from surge_nlp.recipe import recipe_dir
+
+    copy = tmp_path / "my_rte.yaml"
+    copy.write_text((recipe_dir() / "rte.yaml").read_text())
+    mine, shipped = load_recipe(str(copy), ["cpu"]), load_recipe("rte", ["cpu"])
+    assert mine.teacher == shipped.teacher and mine.stages == shipped.stages and mine.model == shipped.model
+    assert mine.sources[0] == str(recipe_dir() / "defaults.yaml") and mine.sources[1] == str(copy)
 
 
 # ---- CLI error paths -----------------------------------------------------------------------------
@@ -472,6 +521,10 @@ def test_a_cpu_launch_that_runs_one_process_is_reported(monkeypatch, caplog):
     assert "runs ONE process" in caplog.text and "--multi_gpu --num_processes N" in caplog.text
     monkeypatch.delenv("MASTER_ADDR")
     assert not asked_for_processes_but_runs_one()
+    # Launched processes that did not form a group: a ValueError, which the CLI prints in one line.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 processes were launched but accelerate runs 1"):
+        check_process_group(Accelerator(cpu=True))
 
 
 def test_quiet_silences_every_progress_bar(tmp_path, tiny_base, capfd):

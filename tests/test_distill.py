@@ -404,6 +404,13 @@ def test_resume_guards(tmp_path):
     again = train(tiny_model(), loader(train_rows, batch_size=2), config, teacher=tiny_model(), output_dir=tmp_path,
                   resume=True, progress=False)
     assert again.steps == 2 and [record["step"] for record in again.log_history] == [1, 2]
+    # Another training set: the saved position (epoch, batches done) would name other batches, or
+    # skip them all and spin forever when it is past the new epoch's end (before, nothing checked it).
+    for rows in (train_rows[:4], train_rows + train_rows[:2]):
+        with pytest.raises(ValueError, match=r"cannot resume from .*step_2: the training data differs from the run's "
+                                             r"\(examples 14 in the checkpoint, \d+ now, batches_per_epoch 7 in the checkpoint, \d+ now\)"):
+            train(tiny_model(), loader(rows, batch_size=2), config, teacher=tiny_model(), output_dir=tmp_path, resume=True,
+                  progress=False)
 
 
 # --------------------------------------------------------------------------------------------

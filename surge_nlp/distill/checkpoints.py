@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -39,6 +40,17 @@ class TrainingState:
     batches_in_epoch: int = 0
     log_history: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, Any] | None = None
+    data: dict[str, int | None] | None = None  # `data_signature` of the run's training loader
+
+
+def data_signature(accelerator: Accelerator, train_loader) -> dict[str, int | None]:
+    """What a resumed run must share with its checkpoint for `batches_in_epoch` to name the same
+    batch: the training set's size, the loader's batches per epoch on each process, the process count."""
+    try:
+        examples = len(train_loader.dataset)
+    except TypeError:  # an iterable dataset has no length
+        examples = None
+    return {"examples": examples, "batches_per_epoch": len(train_loader), "processes": accelerator.num_processes}
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -64,7 +76,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: Traini
     accelerator.save_state(str(temporary))  # model, optimizer, RNG states of every process
     if accelerator.is_main_process:
         state = {"step": progress.step, "epoch": progress.epoch, "batches_in_epoch": progress.batches_in_epoch,
-                 "scheduler": scheduler.state_dict(), "log_history": progress.log_history, "best": progress.best}
+                 "scheduler": scheduler.state_dict(), "log_history": progress.log_history, "best": progress.best,
+                 "data": progress.data}
         (temporary / TRAINER_STATE).write_text(json.dumps(state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -93,11 +106,21 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler) -> TrainingState:
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler, data: dict[str, int | None]) -> TrainingState:
+    """The loop's state from `checkpoint`, whose run must have had the same `data` (`data_signature`;
+    checkpoints written before it was recorded are not checked): with another training set, batch
+    count or process count, the saved position would skip the wrong batches, or all of them."""
     state = read_trainer_state(checkpoint)
+    saved = state.get("data")
+    if saved is not None and saved != data:
+        details = ", ".join(f"{key} {saved.get(key)} in the checkpoint, {value} now" for key, value in data.items()
+                            if saved.get(key) != value)
+        raise ValueError(f"cannot resume from {checkpoint}: the training data differs from the run's ({details}); "
+                         "a changed training set (max_train_samples, selection, augmentation, dataset) or process count. "
+                         "Resume with the same data and launch, or start a new output_dir")
     accelerator.load_state(str(checkpoint))
     scheduler.load_state_dict(state["scheduler"])
-    return TrainingState(state["step"], state["epoch"], state["batches_in_epoch"], state["log_history"], state.get("best"))
+    return TrainingState(state["step"], state["epoch"], state["batches_in_epoch"], state["log_history"], state.get("best"), data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,8 +136,11 @@ def eval_interval(config: TrainingConfig, steps_per_epoch: int) -> int | None:
 
 def is_improvement(value: float, best: float | None, metric: str) -> bool:
     """Whether `value` beats `best`: lower is better for "loss", higher for every other metric;
-    a tie keeps the earlier checkpoint."""
-    if best is None:
+    a tie keeps the earlier checkpoint. A NaN never beats anything and is beaten by any number (a
+    first evaluation that came out NaN must not lock the selection)."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
         return True
     return value < best if metric == "loss" else value > best
 
@@ -161,5 +187,5 @@ def check_resumable(output_dir: Path, config: TrainingConfig, resume: bool) -> N
             raise ValueError(f"resume=True with a TrainingConfig that differs from the run in {output_dir} "
                              f"in {changed}; resume with the same config, or start a new output_dir")
     if not resume and list_checkpoints(output_dir):
-        raise FileExistsError(f"{output_dir} holds checkpoints of an earlier run; pass resume=True to continue it, "
+        raise FileExistsError(f"{output_dir} holds checkpoints of an earlier run; pass resume=True (the CLI's --resume) to continue it, "
                               "or choose a new output_dir")

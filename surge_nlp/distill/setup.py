@@ -129,7 +129,7 @@ def check_process_group(accelerator: Accelerator) -> None:
     # write the same checkpoints.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size != accelerator.num_processes:
-        raise RuntimeError(f"WORLD_SIZE={world_size} processes were launched but accelerate runs {accelerator.num_processes}; "
+        raise ValueError(f"WORLD_SIZE={world_size} processes were launched but accelerate runs {accelerator.num_processes}; "
                            "launch with `accelerate launch --multi_gpu --num_processes N` (torchrun; gloo on CPU)")
     if asked_for_processes_but_runs_one():
         logger.warning("`accelerate launch --cpu --num_processes N` runs ONE process (accelerate's simple launcher); "

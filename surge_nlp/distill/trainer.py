@@ -54,8 +54,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from ..atomic import write_json_atomically, write_text_atomically
 from ..integration import set_training_progress
-from .checkpoints import (CONFIG_FILE, TrainingState, best_weights_path, eval_interval, is_improvement, list_checkpoints,
-                          load_checkpoint, save_best, save_checkpoint)
+from .checkpoints import (CONFIG_FILE, TrainingState, best_weights_path, data_signature, eval_interval, is_improvement,
+                          list_checkpoints, load_checkpoint, save_best, save_checkpoint)
 from .config import TrainingConfig
 from .evaluation import MetricFn, evaluate
 from .losses import compute_losses
@@ -95,13 +95,15 @@ class TrainResult:
 # Building blocks
 
 
-def _start_or_resume(accelerator: Accelerator, output_dir: Path, config: TrainingConfig, scheduler, resume: bool) -> TrainingState:
-    """The loop's state: from the newest checkpoint when resuming, else fresh; the config and the
-    log file (restarted from the checkpoint's history: records after it are redone) written."""
-    state = TrainingState()
+def _start_or_resume(accelerator: Accelerator, output_dir: Path, config: TrainingConfig, scheduler, resume: bool,
+                     data: dict[str, int | None]) -> TrainingState:
+    """The loop's state: from the newest checkpoint when resuming (its run's `data` must match),
+    else fresh; the config and the log file (restarted from the checkpoint's history: records after
+    it are redone) written."""
+    state = TrainingState(data=data)
     checkpoints = list_checkpoints(output_dir) if resume else []
     if checkpoints:
-        state = load_checkpoint(accelerator, checkpoints[-1], scheduler)
+        state = load_checkpoint(accelerator, checkpoints[-1], scheduler, data)
         logger.info("resumed from %s (step %d)", checkpoints[-1], state.step)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -210,8 +212,11 @@ def train(
     set_seed(config.seed)
     optimizer = torch.optim.AdamW(parameter_groups(model, config))
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    # The loader's worker seed comes from its own generator, not the global one, so the global RNG
-    # (dropout) advances only with training steps and a resumed run draws the same numbers.
+    # The batch order is a function of seed and epoch (accelerate's seedable sampler, `set_epoch`).
+    # Each epoch's iteration of the wrapped loader also draws its worker base seed from the global
+    # RNG (the generator set here stays on accelerate's wrapper); a resumed run still draws the same
+    # numbers, as the checkpoint's RNG state is taken after the draw mid-epoch and before it at an
+    # epoch boundary, and skipping batches draws nothing (tests/test_distill.py checks the resume).
     train_loader.generator = torch.Generator().manual_seed(config.seed)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -226,7 +231,7 @@ def train(
     # Not passed to accelerator.prepare: it would step num_processes times per optimizer step.
     scheduler = get_linear_schedule_with_warmup(optimizer.optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
 
-    state = _start_or_resume(accelerator, output_dir, config, scheduler, resume)
+    state = _start_or_resume(accelerator, output_dir, config, scheduler, resume, data_signature(accelerator, train_loader))
     if state.step < total_steps:
         calibrate_on_first_batch(accelerator, student, train_loader)
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and accelerator.is_local_main_process))
