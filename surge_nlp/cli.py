@@ -140,8 +140,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     _, _, info = finetune_teacher(_recipe(args), Path(args.output), resume=args.resume, report_to=args.report_to,
                                   progress=not args.quiet)
-    print(json.dumps(info["metrics"], indent=2))
-    print(f"teacher: {Path(args.output) / 'teacher'}")
+    if _is_main_process():
+        print(json.dumps(info["metrics"], indent=2))
+        print(f"teacher: {Path(args.output) / 'teacher'}")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -173,12 +174,14 @@ def _load_for_task(path: str, task: str):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .glue import get_task
-    from .models import resolve_model
+    from .models import may_hold_tokenizer, resolve_model
     from .pipeline import check_labels
 
     get_task(task)
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model(path))
     check_labels(model, task, "model")
+    if not may_hold_tokenizer(resolve_model(path)):
+        raise ValueError(f"{path} has no tokenizer files; save the model's tokenizer beside it (tokenizer.save_pretrained)")
     return model, AutoTokenizer.from_pretrained(resolve_model(path))
 
 
@@ -219,6 +222,14 @@ def cmd_summary(args: argparse.Namespace) -> None:
     summary(AutoModel.from_pretrained(resolve_model(args.model)), seq_len=args.seq_len)
 
 
+def _shipped_profiles() -> list[str]:
+    # Read from the package data without importing surge_nlp.recipe (and torch) to build the parser.
+    from importlib import resources
+
+    folder = resources.files("surge_nlp").joinpath("recipes", "glue", "profiles")
+    return sorted(entry.name[:-len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surge-nlp", description="SURGE 1-bit BERT: distil, evaluate and package binarized GLUE models.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     def recipe_args(p: argparse.ArgumentParser, teacher_required: bool | None) -> None:
         p.add_argument("task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
         p.add_argument("--recipe", help="a recipe .yaml (default: the shipped TASK recipe, surge_nlp/recipes/glue/TASK.yaml)")
-        p.add_argument("--profile", action="append", default=[], help="overlay a profile (repeatable): cpu, multistep, or a .yaml")
+        p.add_argument("--profile", action="append", default=[], help="overlay a profile (repeatable): "
+                       f"{', '.join(_shipped_profiles())}, or a .yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. distill.num_epochs=1")
         p.add_argument("--dataset", help="GLUE dataset: Hub id or local mirror (default $SURGE_NLP_GLUE_DATASET or nyu-mll/glue)")
         p.add_argument("--max-train-samples", type=int, help="keep the first N training examples")

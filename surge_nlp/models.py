@@ -40,6 +40,17 @@ def resolve_model(name: str) -> str:
     return name
 
 
+# Files that hold a tokenizer's vocabulary (WordPiece, BPE, SentencePiece, or the fast tokenizer's JSON).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def may_hold_tokenizer(path: str) -> bool:
+    """False for a local folder without tokenizer files. AutoTokenizer must not be given one: from
+    config.json alone it builds a tokenizer of the special tokens, and every word becomes [UNK]."""
+    folder = Path(path).expanduser()
+    return not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 # The task heads that from_pretrained creates fresh on a base model (BERT/RoBERTa/DistilBERT/...).
 TASK_HEADS = ("classifier", "pre_classifier", "score")
 

@@ -44,7 +44,7 @@ from .binarizers import ActivationQuantizer
 from .glue import GlueData, compute_metrics, evaluate_model, get_task, load_glue, make_dataloader
 from .recipe import Recipe, Stage
 from .serialization import set_checkpoint_format
-from .models import load_with_fresh_head, resolve_model
+from .models import load_with_fresh_head, may_hold_tokenizer, resolve_model
 from .shipped import EVAL_BATCH_SIZE, evaluate_shipped
 from .integration import surge_linears
 from .summary import summary
@@ -142,10 +142,21 @@ def set_label_names(model: nn.Module, task_name: str) -> None:
 
 
 def check_labels(model: nn.Module, task_name: str, what: str) -> None:
+    """PipelineError unless the model has the task's label count and, where its config names the
+    classes, the task's classes in the task's order (e.g. an MNLI model whose id 0 is contradiction,
+    where GLUE's id 0 is entailment, would be distilled and scored with every label swapped)."""
     task = get_task(task_name)
     if model.config.num_labels != task.num_labels:
         raise PipelineError(f"label count mismatch: the {what} has {model.config.num_labels} labels, task "
                             f"{task.name} needs {task.num_labels}; use a {what} fine-tuned on {task.name}")
+    id2label = getattr(model.config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), ""))).lower() for i in range(task.num_labels)]
+    expected = [name.lower() for name in task.label_names]
+    # Only a permutation of the task's own class names is a sure mismatch; generic names (LABEL_0) pass.
+    if expected and names != expected and sorted(names) == sorted(expected):
+        raise PipelineError(f"label order mismatch: the {what}'s classes by id are {names}, task {task.name}'s are "
+                            f"{expected}; its predictions would be read as the wrong classes. Use a {what} whose "
+                            "label ids follow the GLUE dataset's, or permute its classifier rows to match")
 
 
 def load_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, splits: tuple[str, ...] = ("train", "validation")) -> GlueData:
@@ -261,8 +272,11 @@ def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, 
     upstream: list[dict[str, Any]] = []
     data = load_data(recipe, tokenizer)
     if recipe.augmentation.enabled:  # the teacher scores every added input; their labels are never read
+        # Each added task is capped as the task's own training set is (`max_train_samples`), so a
+        # bounded profile stays bounded (QNLI alone has 105k pairs).
         others = [load_glue(name, tokenizer, dataset=recipe.dataset, splits=("train",),
-                            max_seq_length=recipe.max_seq_length or data.task.max_seq_length).train
+                            max_seq_length=recipe.max_seq_length or data.task.max_seq_length,
+                            max_train_samples=recipe.max_train_samples).train
                   for name in recipe.augmentation.other_tasks]
         data = dataclasses.replace(data, train=recipe.augmentation.apply(data.train, tokenizer.all_special_ids, others))
     stages_info: list[dict[str, Any]] = []
@@ -303,17 +317,24 @@ def build_student(teacher_dir: str | Path, stage: Stage, previous: nn.Module | N
 def ship_student(recipe: Recipe, student: nn.Module, tokenizer: PreTrainedTokenizerBase, teacher: nn.Module,
                  teacher_info: dict[str, Any], stages: list[dict[str, Any]], output_dir: Path) -> PipelineResult:
     """Save the last stage's student packed to `output_dir/student`, measure what is shipped
-    (`evaluate_shipped`, against the teacher's speed) and write every number to `results.json`."""
+    (`evaluate_shipped`, against the teacher's speed) and write every number to `results.json`.
+    Under `accelerate launch` the main process alone measures (processes timed side by side would
+    slow each other), and the others read its numbers back."""
     set_checkpoint_format(student, "packed")
     write_once(lambda: _save_atomically(student, output_dir / "student", tokenizer))
     report = summary(student, print_fn=None)
-    shipped = evaluate_shipped(recipe, output_dir / "student", tokenizer, reference=teacher)
-    result = PipelineResult(recipe.task, teacher_info, stages, str(output_dir / "student"), report.totals, shipped)
-    write_once(lambda: write_json_atomically(output_dir / "results.json", {
-        "task": recipe.task, "recipe": recipe.sources, "augmentation": recipe.augmentation.to_dict(),
-        "selection": recipe.selection.to_dict(), "teacher": teacher_info, "stages": stages,
-        "student_dir": result.student_dir, "summary": report.totals, "shipped": shipped}))
-    return result
+    results_path = output_dir / "results.json"
+
+    def measure_and_write() -> None:
+        shipped = evaluate_shipped(recipe, output_dir / "student", tokenizer, reference=teacher)
+        write_json_atomically(results_path, {
+            "task": recipe.task, "recipe": recipe.sources, "augmentation": recipe.augmentation.to_dict(),
+            "selection": recipe.selection.to_dict(), "teacher": teacher_info, "stages": stages,
+            "student_dir": str(output_dir / "student"), "summary": report.totals, "shipped": shipped})
+
+    write_once(measure_and_write)
+    shipped = json.loads(results_path.read_text())["shipped"]
+    return PipelineResult(recipe.task, teacher_info, stages, str(output_dir / "student"), report.totals, shipped)
 
 
 def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = None, resume: bool = False,
@@ -341,15 +362,36 @@ def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = 
     return result
 
 
+def _check_borrowed_tokenizer(teacher: nn.Module, tokenizer: PreTrainedTokenizerBase, teacher_path: str, model: str) -> None:
+    """A teacher saved without tokenizer files is given the recipe model's tokenizer: refuse one that
+    cannot be the teacher's (ids past its vocabulary, another padding id, e.g. BERT's for a RoBERTa)."""
+    vocab_size, pad_id = getattr(teacher.config, "vocab_size", None), getattr(teacher.config, "pad_token_id", None)
+    problems = []
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        problems.append(f"{len(tokenizer)} tokens for an embedding of {vocab_size}")
+    if pad_id is not None and tokenizer.pad_token_id is not None and tokenizer.pad_token_id != pad_id:
+        problems.append(f"padding id {tokenizer.pad_token_id} where the teacher's is {pad_id}")
+    if problems:
+        raise PipelineError(f"the teacher {teacher_path} has no tokenizer files, and the recipe model's ({model}) does not "
+                            f"fit it ({'; '.join(problems)}); save the teacher's tokenizer beside it, or set `model` "
+                            "to the teacher's base model")
+    logger.warning("the teacher %s has no tokenizer files; using the recipe model's (%s)", teacher_path, model)
+
+
 def load_teacher(recipe: Recipe, teacher_path: str) -> tuple[nn.Module, PreTrainedTokenizerBase, dict]:
     """A fine-tuned FP teacher from disk or the Hub, checked against the task and the recipe's tokenizer."""
     path = resolve_model(teacher_path)
     teacher = AutoModelForSequenceClassification.from_pretrained(path)
     check_labels(teacher, recipe.task, "teacher")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
+    tokenizer = None
+    if may_hold_tokenizer(path):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            pass
+    if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model))
+        _check_borrowed_tokenizer(teacher, tokenizer, teacher_path, recipe.model)
     data = load_data(recipe, tokenizer, splits=("validation",))
     return teacher, tokenizer, {"model": teacher_path, "metrics": validation_metrics(recipe, teacher, data, tokenizer)}
 

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ PROFILE_TASKS_KEY = "tasks"
 RECIPE_KEYS = ("task", "model", "dataset", "max_seq_length", "max_train_samples", "max_eval_samples",
                "augmentation", "selection", "teacher", "distill", "stages")
 STAGE_KEYS = ("name", "quantization", "training", "keep_shifts")
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class RecipeError(ValueError):
@@ -140,6 +142,9 @@ class Recipe:
                     raise RecipeError(f"stage {index + 1} must be a mapping with `quantization` and optional "
                                       f"`name`, `training`, `keep_shifts`; got {stage!r}")
                 name = str(stage.get("name") or f"stage{index + 1}")
+                if not STAGE_NAME.fullmatch(name):
+                    raise RecipeError(f"stage {index + 1}: `name` {name!r} is invalid; it names the folder stages/<name>: "
+                                      "letters, digits, '.', '_' and '-', starting with a letter or digit")
                 keep_shifts = stage.get("keep_shifts", True)
                 if not isinstance(keep_shifts, bool):
                     raise RecipeError(f"stage {index + 1} ({name}): `keep_shifts` must be true or false, got {keep_shifts!r}")

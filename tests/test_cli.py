@@ -195,6 +195,7 @@ def test_merge_is_deep_for_mappings_and_replaces_lists():
         ("task: rte\nmodel: m\ndistill: {mixed_precision: bf16}\nstages: [{name: s, quantization: {}}]",
          "mixed_precision must be the same for the teacher and every stage (one run is one process, and accelerate fixes it "
          "once per process); got {'teacher': 'no', 'stage s': 'bf16'}"),
+        ("task: rte\nmodel: m\nstages: [{name: ../up, quantization: {}}]", "stage 1: `name` '../up' is invalid; it names the folder"),
         ("task: rte\nmodel: m\nselection: {held_out: 0.1}\nstages: [{quantization: {}}]",
          "selection.held_out=0.1 sets training rows aside to pick the kept epoch, but no stage evaluates while training"),
     ],
@@ -293,6 +294,40 @@ def test_label_count_mismatch(capsys, rte_run, tmp_path, tiny_base):
     assert "label count mismatch: the teacher has 2 labels, task stsb needs 1" in err
 
 
+def test_label_order_mismatch(capsys, rte_run, tmp_path):
+    from transformers import AutoConfig
+
+    from surge_nlp.pipeline import PipelineError, check_labels
+
+    out, recipe = rte_run
+    config = AutoConfig.from_pretrained(out / "teacher")
+    assert check_labels(_with_labels(config, {0: "entailment", 1: "not_entailment"}), "rte", "teacher") is None
+    assert check_labels(_with_labels(config, {0: "LABEL_0", 1: "LABEL_1"}), "rte", "teacher") is None  # unnamed: passes
+    assert check_labels(_with_labels(config, {0: "ENTAILMENT", 1: "NOT_ENTAILMENT"}), "rte", "teacher") is None
+    with pytest.raises(PipelineError, match=r"label order mismatch: the teacher's classes by id are \['not_entailment', 'entailment'\]"):
+        check_labels(_with_labels(config, {0: "NOT_ENTAILMENT", 1: "ENTAILMENT"}), "rte", "teacher")
+    # Through the CLI: a teacher saved with its classes swapped.
+    import shutil
+
+    shutil.copytree(out / "teacher", tmp_path / "swapped")
+    saved = json.loads((tmp_path / "swapped" / "config.json").read_text())
+    saved["id2label"] = {"0": "not_entailment", "1": "entailment"}
+    saved["label2id"] = {"not_entailment": 0, "entailment": 1}
+    (tmp_path / "swapped" / "config.json").write_text(json.dumps(saved))
+    err = _one_line_error(capsys, "distill", "rte", "--recipe", recipe, "--teacher", tmp_path / "swapped", "--output", tmp_path / "o")
+    assert "label order mismatch" in err
+
+
+def _with_labels(config, id2label):
+    class Model:  # what check_labels reads: the config
+        pass
+
+    model = Model()
+    model.config = config.__class__.from_dict({**config.to_dict(), "id2label": id2label,
+                                               "label2id": {name: i for i, name in id2label.items()}})
+    return model
+
+
 def test_tokenizer_mismatch(capsys, rte_run, tmp_path):
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -306,6 +341,29 @@ def test_tokenizer_mismatch(capsys, rte_run, tmp_path):
     err = _one_line_error(capsys, "distill", "rte", "--recipe", recipe, "--teacher", out / "teacher", "--student", other,
                           "--output", tmp_path / "o")
     assert "tokenizer mismatch" in err
+
+
+def test_a_teacher_without_tokenizer_files_borrows_only_a_fitting_one(capsys, rte_run, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from surge_nlp.pipeline import load_teacher
+
+    out, recipe = rte_run
+    bare = tmp_path / "bare"
+    shutil.copytree(out / "teacher", bare)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    with caplog.at_level(logging.WARNING):
+        _, tokenizer, _ = load_teacher(load_recipe(str(recipe)), str(bare))  # the recipe's model has the same tokenizer
+    assert tokenizer.pad_token_id == 0 and "has no tokenizer files; using the recipe model's" in caplog.text
+    config = json.loads((bare / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps({**config, "pad_token_id": 1}))  # e.g. a RoBERTa teacher
+    err = _one_line_error(capsys, "distill", "rte", "--recipe", recipe, "--teacher", bare, "--output", tmp_path / "o")
+    assert "has no tokenizer files, and the recipe model's" in err and "padding id 0 where the teacher's is 1" in err
+    # evaluate/predict have no recipe model to borrow from (before: a tokenizer of the special tokens alone, all [UNK]).
+    err = _one_line_error(capsys, "evaluate", bare, "--task", "rte", "--max-eval-samples", 8)
+    assert f"{bare} has no tokenizer files" in err
 
 
 def test_help_has_examples(capsys):

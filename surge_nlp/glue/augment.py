@@ -17,7 +17,8 @@ Two sources, which combine:
   the same input (a sentence pair for a pair task, one sentence otherwise): real text of the same
   kind, which the teacher scores as it would the task's own (a transfer set). Their labels belong
   to another task and are not kept: the `labels` column holds a placeholder that is never read.
-  The pipeline loads and tokenizes them (`surge_nlp.glue.load_glue`) and passes them to `apply`.
+  The pipeline loads and tokenizes them (`surge_nlp.glue.load_glue`; each capped at the recipe's
+  `max_train_samples`, as the task's own set is) and passes them to `apply`.
 
 Example:
     >>> import datasets
