@@ -211,6 +211,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     data = load_glue(args.task, tokenizer, dataset=args.dataset, max_eval_samples=args.max_eval_samples, splits=("test",))
     for path in predict_to_submission(args.task, model, data, tokenizer, args.output, batch_size=args.batch_size):
         print(path)
+    if args.max_eval_samples is not None:
+        print(f"note: --max-eval-samples {args.max_eval_samples} kept only the first test rows of each split; the GLUE "
+              "server needs every row, so these files are for a check, not a submission", file=sys.stderr)
 
 
 def cmd_summary(args: argparse.Namespace) -> None:

@@ -69,8 +69,8 @@ def test_glue_pipeline_end_to_end_on_real_rte(rte_run, capsys):
 
 def test_predict_writes_a_glue_submission(rte_run, capsys, tmp_path):
     out, _ = rte_run
-    code, stdout, _ = run(capsys, "predict", out / "student", "--task", "rte", "--max-eval-samples", 10, "--output", tmp_path)
-    assert code == 0
+    code, stdout, err = run(capsys, "predict", out / "student", "--task", "rte", "--max-eval-samples", 10, "--output", tmp_path)
+    assert code == 0 and "kept only the first test rows" in err and "not a submission" in err
     lines = (tmp_path / "RTE.tsv").read_text().splitlines()
     assert lines[0] == "index\tprediction" and len(lines) == 11
     assert {line.split("\t")[1] for line in lines[1:]} <= {"entailment", "not_entailment"}

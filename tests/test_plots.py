@@ -108,3 +108,17 @@ def test_unknown_trackers_are_errors(report_to, message):
     with pytest.raises(ValueError, match=message):
         resolve_trackers(report_to)
     assert resolve_trackers("none") == [] and resolve_trackers(None) == []
+
+
+def test_report_to_all_without_any_tracker_says_so(monkeypatch, caplog):
+    import logging
+
+    import accelerate.utils
+
+    from surge_nlp.distill.setup import resolve_trackers
+
+    for name in ("is_tensorboard_available", "is_wandb_available", "is_mlflow_available"):
+        monkeypatch.setattr(accelerate.utils, name, lambda: False)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_trackers("all") == []
+    assert "report_to='all': none of tensorboard, wandb, mlflow is installed" in caplog.text

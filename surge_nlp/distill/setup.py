@@ -114,7 +114,11 @@ def resolve_trackers(report_to: str | list[str] | None) -> list[str]:
         return []
     installed = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available(), "mlflow": is_mlflow_available()}
     if names == ["all"]:
-        return [name for name in TRACKERS if installed[name]]
+        available = [name for name in TRACKERS if installed[name]]
+        if not available:
+            logger.warning("report_to='all': none of %s is installed, so nothing is reported beyond log_history.jsonl "
+                           "(pip install surge-nlp[tracking] for TensorBoard)", ", ".join(TRACKERS))
+        return available
     for name in names:
         if name not in TRACKERS:
             raise ValueError(f"report_to={report_to!r} is invalid; allowed values: 'none', 'all', {', '.join(map(repr, TRACKERS))} "
