@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,11 +185,12 @@ def _train_stage(model: nn.Module, config: TrainingConfig, data: GlueData, token
         selected_on, eval_split = data.selection_split()
         eval_loader = make_dataloader(eval_split, tokenizer, batch_size=EVAL_BATCH_SIZE)
         metric_fn = lambda predictions, references: compute_metrics(task, predictions, references)  # noqa: E731
-    started = time.perf_counter()
     result = train(model, loader, config, teacher=teacher, output_dir=output_dir, resume=resume,
                    eval_loader=eval_loader, metric_fn=metric_fn, best_metric=task.main_metric, report_to=report_to,
                    progress=progress)
-    info: dict[str, Any] = {"steps": result.steps, "wall_time_s": time.perf_counter() - started, "seed": config.seed,
+    # Every call's training seconds (a resumed run's too), unless a checkpoint from before that record was resumed.
+    wall = result.wall_time_s if result.total_wall_time_s is None else result.total_wall_time_s
+    info: dict[str, Any] = {"steps": result.steps, "wall_time_s": wall, "seed": config.seed,
                             "selected": result.selected, "best_step": result.best_step}
     if eval_loader is not None:
         # every metric (and the loss) at each evaluation, on the split named by `selected_on`

@@ -30,6 +30,7 @@ from surge_nlp.distill import (
     soft_cross_entropy,
     train,
 )
+from surge_nlp.distill.checkpoints import read_trainer_state
 from surge_nlp.distill.setup import check_teacher
 
 from .conftest import REPO, tiny_config
@@ -376,8 +377,12 @@ def test_killed_run_resumes_to_identical_parameters_and_metrics(tmp_path, uninte
     last = kill_at - 1
     assert [path.name for path in list_checkpoints(run)] == [f"step_{last - 2}", f"step_{last}"]
     assert not list((run / "checkpoints").glob("*.tmp"))
+    saved_wall = read_trainer_state(run / "checkpoints" / f"step_{last}")["wall_time_s"]
     resumed, result = run_resume_case(run, resume=True)
 
+    # The wall time covers both calls: the first call's seconds up to its last checkpoint, and this call's.
+    assert saved_wall > 0 and result.total_wall_time_s == pytest.approx(saved_wall + result.wall_time_s, abs=0.05)
+    assert expected.total_wall_time_s == pytest.approx(expected.wall_time_s, abs=0.05)  # one call: the same
     assert result.steps == 8
     assert result.metrics == expected.metrics
     assert result.log_history == expected.log_history

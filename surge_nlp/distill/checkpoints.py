@@ -41,6 +41,9 @@ class TrainingState:
     log_history: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     data: dict[str, int | None] | None = None  # `data_signature` of the run's training loader
+    # Training seconds that made this state, over every call of a resumed run (work redone after a
+    # kill counts once); None when resumed from a checkpoint that did not record it.
+    wall_time_s: float | None = 0.0
 
 
 def data_signature(accelerator: Accelerator, train_loader) -> dict[str, int | None]:
@@ -77,7 +80,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: Traini
     if accelerator.is_main_process:
         state = {"step": progress.step, "epoch": progress.epoch, "batches_in_epoch": progress.batches_in_epoch,
                  "scheduler": scheduler.state_dict(), "log_history": progress.log_history, "best": progress.best,
-                 "data": progress.data}
+                 "data": progress.data, "wall_time_s": progress.wall_time_s}
         (temporary / TRAINER_STATE).write_text(json.dumps(state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -120,7 +123,8 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler, data:
                          "Resume with the same data and launch, or start a new output_dir")
     accelerator.load_state(str(checkpoint))
     scheduler.load_state_dict(state["scheduler"])
-    return TrainingState(state["step"], state["epoch"], state["batches_in_epoch"], state["log_history"], state.get("best"), data)
+    return TrainingState(state["step"], state["epoch"], state["batches_in_epoch"], state["log_history"], state.get("best"), data,
+                         state.get("wall_time_s"))
 
 
 # --------------------------------------------------------------------------------------------

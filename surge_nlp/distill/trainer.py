@@ -70,14 +70,17 @@ logger = logging.getLogger(__name__)
 class TrainResult:
     """What `train` returns: the metrics of the model it leaves (empty without eval_loader), the log
     history (one record per logged step: loss terms, learning rates, lambda statistics; one per
-    evaluation: "eval/<metric>"), optimizer steps done, wall-clock seconds of this call, and, with
-    `eval_every` and `keep_best`, the step whose weights the model holds (`best_step`)."""
+    evaluation: "eval/<metric>"), optimizer steps done, wall-clock seconds of this call, with
+    `eval_every` and `keep_best` the step whose weights the model holds (`best_step`), and the
+    seconds of every call that made the model (`total_wall_time_s`; None after a resume from a
+    checkpoint that did not record them)."""
 
     metrics: dict[str, float]
     log_history: list[dict[str, float]]
     steps: int
     wall_time_s: float
     best_step: int | None = None
+    total_wall_time_s: float | None = None
 
     @property
     def selected(self) -> str:
@@ -93,6 +96,11 @@ class TrainResult:
 
 # --------------------------------------------------------------------------------------------
 # Building blocks
+
+
+def _elapsed(before: float | None, started: float) -> float | None:
+    """Seconds of earlier calls (None: unknown) plus this call's so far."""
+    return None if before is None else before + time.perf_counter() - started
 
 
 def _start_or_resume(accelerator: Accelerator, output_dir: Path, config: TrainingConfig, scheduler, resume: bool,
@@ -232,6 +240,9 @@ def train(
     scheduler = get_linear_schedule_with_warmup(optimizer.optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
 
     state = _start_or_resume(accelerator, output_dir, config, scheduler, resume, data_signature(accelerator, train_loader))
+    wall_before = state.wall_time_s
+    if state.step >= total_steps:  # a finished run resumed: nothing is trained now
+        started = time.perf_counter()
     if state.step < total_steps:
         calibrate_on_first_batch(accelerator, student, train_loader)
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and accelerator.is_local_main_process))
@@ -277,6 +288,7 @@ def train(
                 if interval is not None and (state.step % interval == 0 or state.step == total_steps):
                     _evaluate_and_keep_best(accelerator, student, eval_loader, metric_fn, selection_key, config, output_dir, state, log)
                 if state.step % config.checkpoint_every == 0 or state.step == total_steps:
+                    state.wall_time_s = _elapsed(wall_before, started)
                     save_checkpoint(accelerator, output_dir, state, scheduler, config.keep_checkpoints)
                 if state.step >= total_steps:
                     break
@@ -287,4 +299,5 @@ def train(
     if trackers:
         accelerator.end_training()
     accelerator.wait_for_everyone()
-    return TrainResult(metrics, list(state.log_history), state.step, time.perf_counter() - started, best_step)
+    return TrainResult(metrics, list(state.log_history), state.step, time.perf_counter() - started, best_step,
+                       _elapsed(wall_before, started))
