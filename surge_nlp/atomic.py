@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -48,16 +49,25 @@ def _remove(path: Path) -> None:
 
 
 def _fsync(path: Path) -> None:
-    """Flush `path` (a file, or a directory's entries) to disk; a no-op where the platform cannot
-    open a directory (Windows)."""
+    """Flush `path` (a file, or a directory's entries) to disk, best effort: where the platform or
+    the filesystem cannot (a directory on Windows, EINVAL on some network or FUSE mounts), the write
+    stays atomic, only not flushed, and no error is raised for it."""
+    is_dir = path.is_dir()
+    if is_dir and os.name == "nt":
+        return
+    # Windows flushes a file only through a handle that may write.
+    flags = os.O_RDWR if os.name == "nt" else os.O_RDONLY
     try:
-        descriptor = os.open(path, os.O_RDONLY)
+        descriptor = os.open(path, flags)
     except OSError:
-        if path.is_dir():
+        if is_dir:
             return
         raise
     try:
         os.fsync(descriptor)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(descriptor)
 

@@ -32,7 +32,7 @@ EXAMPLES = """examples:
 
 def _recipe(args: argparse.Namespace):
     from .glue import get_task
-    from .recipe import load_recipe, merge, parse_overrides
+    from .recipe import load_recipe, merge, merged_recipe_data, parse_overrides
 
     get_task(args.task)
     overrides = parse_overrides(args.set)
@@ -42,10 +42,11 @@ def _recipe(args: argparse.Namespace):
         if value is not None:
             overrides[key] = value
     if isinstance(stage_overrides, dict):
-        # `stages.N.x=...` edits stage N of the merged recipe instead of replacing the list.
-        base = load_recipe(args.recipe or args.task, args.profile, overrides)
-        stages = [{"name": s.name, "quantization": s.quantization.to_dict(), "training": s.training.to_dict(),
-                   "keep_shifts": s.keep_shifts} for s in base.stages]
+        # `stages.N.x=...` edits stage N of the merged recipe instead of replacing the list; the
+        # recipe is validated once, after the edit (a half-edited one may not be valid yet).
+        stages = merged_recipe_data(args.recipe or args.task, args.profile, overrides)[0].get("stages")
+        if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
+            raise ValueError(f"--set stages.N...: the recipe's `stages` must be a list of mappings, got {stages!r}")
         for index, change in stage_overrides.items():
             if not index.isdigit() or not 0 <= int(index) < len(stages):
                 raise ValueError(f"--set stages.{index}: the recipe has {len(stages)} stage(s); allowed indices: "
@@ -242,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def recipe_args(p: argparse.ArgumentParser, teacher_required: bool | None) -> None:
         p.add_argument("task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
-        p.add_argument("--recipe", help="a recipe .yaml (default: the shipped TASK recipe, surge_nlp/recipes/glue/TASK.yaml)")
+        p.add_argument("--recipe", help="a recipe .yaml (default: the shipped TASK recipe, surge_nlp/recipes/glue/TASK.yaml); "
+                       "it lies over the defaults.yaml beside it, else over the shipped defaults.yaml")
         p.add_argument("--profile", action="append", default=[], help="overlay a profile (repeatable): "
                        f"{', '.join(_shipped_profiles())}, or a .yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. distill.num_epochs=1")

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -41,7 +42,30 @@ def resolve_model(name: str) -> str:
 
 
 # Files that hold a tokenizer's vocabulary (WordPiece, BPE, SentencePiece, or the fast tokenizer's JSON).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "spm.model", "spm_char.model",
+                   "sentencepiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def model_identity(name: str) -> str:
+    """A model's identity that does not depend on how its path is typed or where it lies: a Hub id
+    as given; for a local folder, a SHA-256 of its config.json and weight files (a second or so for
+    BERT-base). Two folders with the same files have the same identity.
+
+    Example:
+        >>> model_identity("bert-base-uncased")
+        'bert-base-uncased'
+    """
+    folder = Path(resolve_model(name))
+    if not folder.is_dir():
+        return name
+    digest = hashlib.sha256()
+    files = [folder / "config.json"] + sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    for file in (f for f in files if f.is_file()):
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def may_hold_tokenizer(path: str) -> bool:

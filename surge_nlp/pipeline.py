@@ -37,13 +37,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from .atomic import atomic_write, write_json_atomically
 from .config import SurgeConfig
 from .distill import TrainingConfig, train
+from .distill.checkpoints import list_checkpoints
 from .distill.setup import has_accelerator_device
 from .binarize import from_pretrained
 from .binarizers import ActivationQuantizer
 from .glue import GlueData, compute_metrics, evaluate_model, get_task, load_glue, make_dataloader
-from .recipe import Recipe, Stage
+from .recipe import Recipe, Stage, check_one_mixed_precision
 from .serialization import set_checkpoint_format
-from .models import load_with_fresh_head, may_hold_tokenizer, resolve_model
+from .models import load_with_fresh_head, may_hold_tokenizer, model_identity, resolve_model
 from .shipped import EVAL_BATCH_SIZE, evaluate_shipped
 from .integration import surge_linears
 from .summary import summary
@@ -87,28 +88,42 @@ def _save_with_json(model: nn.Module, directory: Path, json_name: str, info: dic
 SETTINGS_FILE = "settings.json"
 
 
-def _data_settings(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's settings that decide which rows a run trains and selects on."""
-    return {"task": recipe.task, "dataset": recipe.dataset, "max_seq_length": recipe.max_seq_length,
-            "max_train_samples": recipe.max_train_samples, "max_eval_samples": recipe.max_eval_samples,
-            "selection": recipe.selection.to_dict()}
+# Bookkeeping that does not change what a training makes.
+_BOOKKEEPING_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every")
+
+
+def _training_settings(config: TrainingConfig) -> dict[str, Any]:
+    return {key: value for key, value in config.to_dict().items() if key not in _BOOKKEEPING_FIELDS}
+
+
+def _data_settings(recipe: Recipe, config: TrainingConfig) -> dict[str, Any]:
+    """The recipe's settings that decide which rows a training learns from (and, when it evaluates
+    while training, selects on)."""
+    settings = {"task": recipe.task, "dataset": recipe.dataset, "max_seq_length": recipe.max_seq_length,
+                "max_train_samples": recipe.max_train_samples, "selection": recipe.selection.to_dict()}
+    if config.eval_every is not None:
+        settings["max_eval_samples"] = recipe.max_eval_samples
+    return settings
 
 
 def teacher_settings(recipe: Recipe) -> dict[str, Any]:
     """What the fine-tuned teacher is made from."""
-    return {"model": recipe.model, "training": recipe.teacher.to_dict(), **_data_settings(recipe)}
+    return {"model": model_identity(recipe.model), "training": _training_settings(recipe.teacher),
+            **_data_settings(recipe, recipe.teacher)}
 
 
 def _stage_settings(recipe: Recipe, stage: Stage, teacher: dict[str, Any], upstream: list[dict[str, Any]]) -> dict[str, Any]:
     """What a stage's student is made from: its own settings, its data, the teacher, the earlier stages."""
-    return {"stage": stage.name, "quantization": stage.quantization.to_dict(), "training": stage.training.to_dict(),
-            "keep_shifts": stage.keep_shifts, "augmentation": recipe.augmentation.to_dict(), **_data_settings(recipe),
-            "teacher": teacher, "earlier_stages": upstream}
+    return {"stage": stage.name, "quantization": stage.quantization.to_dict(), "training": _training_settings(stage.training),
+            "keep_shifts": stage.keep_shifts, "augmentation": recipe.augmentation.to_dict(),
+            **_data_settings(recipe, stage.training), "teacher": teacher, "earlier_stages": upstream}
 
 
 def check_and_record_settings(directory: Path, settings: dict[str, Any], what: str, resume: bool) -> None:
     """With `resume`, refuse to continue or reuse the `what` in `directory` when it was made with other
-    settings (a directory from before this record is not checked); then record `settings` there."""
+    settings (a directory from before this record is not checked); then record `settings` there.
+    Without `resume`, a directory that holds checkpoints keeps its record (the trainer refuses to
+    start over it, and a `--resume` after that must still compare with what the checkpoints are)."""
     settings = json.loads(json.dumps(settings, default=str))  # as JSON gives it back
     path = directory / SETTINGS_FILE
     if resume and path.is_file():
@@ -121,6 +136,8 @@ def check_and_record_settings(directory: Path, settings: dict[str, Any], what: s
             raise PipelineError(f"--resume: the {what} in {directory} was made with other settings than this recipe's "
                                 f"(differing: {', '.join(changed)}; recorded in {path}); resume with the recipe it was "
                                 "made with, or choose a new output directory")
+    if not resume and list_checkpoints(directory):
+        return
     write_once(lambda: write_json_atomically(path, settings))
 
 
@@ -267,8 +284,8 @@ def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, 
     loaded from elsewhere than `teacher_dir` (the CLI's `distill --teacher T --student S`)."""
     if Path(teacher_dir) == output_dir / "teacher":
         teacher_identity = teacher_settings(recipe)
-    else:
-        teacher_identity = {"teacher": teacher_source or str(teacher_dir), "start": str(teacher_dir)}
+    else:  # by content, not by the path as typed
+        teacher_identity = {"teacher": model_identity(teacher_source or str(teacher_dir)), "start": model_identity(str(teacher_dir))}
     upstream: list[dict[str, Any]] = []
     data = load_data(recipe, tokenizer)
     if recipe.augmentation.enabled:  # the teacher scores every added input; their labels are never read
@@ -344,6 +361,9 @@ def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if teacher_path is None:
+        # The teacher's fine-tuning and the stages run in this process: one mixed precision for all.
+        check_one_mixed_precision({"teacher": recipe.teacher.mixed_precision,
+                                   **{f"stage {stage.name}": stage.training.mixed_precision for stage in recipe.stages}})
         teacher, tokenizer, teacher_info = finetune_teacher(recipe, output_dir, resume, report_to, progress)
         teacher_dir: str | Path = output_dir / "teacher"
     else:

@@ -180,10 +180,18 @@ class Recipe:
                    augmentation=augmentation, selection=selection, sources=list(sources or []))
 
 
+def check_one_mixed_precision(precisions: dict[str, str]) -> None:
+    """RecipeError unless the trainings that run in one process (named in `precisions`) share one mixed precision."""
+    if len(set(precisions.values())) > 1:
+        raise RecipeError(f"mixed_precision must be the same for every training in one process (accelerate fixes it once "
+                          f"per process); got {precisions}")
+
+
 def _check_training_roles(teacher: TrainingConfig, stages: list[Stage], selection: Selection) -> None:
     """What the pipeline would only find out hours in (after the teacher's fine-tuning): the teacher
-    learns from the labels alone, every stage from a teacher, one mixed precision for the whole run
-    (accelerate fixes it once per process), and a held-out selection that some stage uses."""
+    learns from the labels alone, every stage from a teacher, one mixed precision for all stages
+    (they run in one process, and accelerate fixes it once per process; the teacher's is checked
+    where it is fine-tuned in the same process, `run_glue`), and a held-out selection that some stage uses."""
     if teacher.distills or teacher.ground_truth_weight <= 0:
         raise RecipeError(f"`teacher` fine-tunes on the labels: it needs ground_truth_weight > 0 (got "
                           f"{teacher.ground_truth_weight}) and logits_weight, hidden_weight, attention_weight 0 (got "
@@ -192,10 +200,7 @@ def _check_training_roles(teacher: TrainingConfig, stages: list[Stage], selectio
         if not stage.training.distills:
             raise RecipeError(f"stage {stage.name!r} is distilled from a teacher: set one of its logits_weight, "
                               "hidden_weight, attention_weight > 0 (all are 0)")
-    precisions = {"teacher": teacher.mixed_precision, **{f"stage {s.name}": s.training.mixed_precision for s in stages}}
-    if len(set(precisions.values())) > 1:
-        raise RecipeError(f"mixed_precision must be the same for the teacher and every stage (one run is one process, and "
-                          f"accelerate fixes it once per process); got {precisions}")
+    check_one_mixed_precision({f"stage {s.name}": s.training.mixed_precision for s in stages})
     if selection.held_out and not any(stage.training.eval_every is not None for stage in stages):
         raise RecipeError(f"selection.held_out={selection.held_out} sets training rows aside to pick the kept epoch, but no "
                           "stage evaluates while training (eval_every is null everywhere); set eval_every, or drop `selection`")
@@ -282,6 +287,12 @@ def load_recipe(task_or_path: str, profiles: Sequence[str] = (), overrides: dict
     """defaults.yaml + the task's recipe (a task name or a .yaml path) + profiles, in order + overrides.
     A recipe given by path lies over the `defaults.yaml` beside it, else over the shipped one (so a
     copy of a shipped task recipe, edited elsewhere, keeps the defaults it was written against)."""
+    return Recipe.from_dict(*merged_recipe_data(task_or_path, profiles, overrides))
+
+
+def merged_recipe_data(task_or_path: str, profiles: Sequence[str] = (),
+                       overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """What `load_recipe` validates: the merged settings, unchecked, and the files they came from."""
     recipe_path = _find(task_or_path, "recipe")
     defaults_path = recipe_path.parent / "defaults.yaml"
     if not defaults_path.is_file():
@@ -301,4 +312,4 @@ def load_recipe(task_or_path: str, profiles: Sequence[str] = (), overrides: dict
     if overrides:
         data = merge(data, overrides)
         sources.append("command line")
-    return Recipe.from_dict(data, sources)
+    return data, sources

@@ -88,3 +88,25 @@ def test_the_data_reaches_the_disk_before_the_rename_and_the_rename_after(tmp_pa
     events.clear()
     write_json_atomically(tmp_path / "results.json", {"accuracy": 0.5})
     assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"] and events[-1][1] == str(tmp_path)
+
+
+def test_a_filesystem_that_cannot_flush_a_folder_still_gets_the_write(tmp_path, monkeypatch):
+    # Some network and FUSE mounts answer fsync on a directory with EINVAL; the rename is done by then.
+    import errno
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("names file descriptors through Linux's /proc")
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_json_atomically(tmp_path / "results.json", {"accuracy": 0.5})
+    assert json.loads((tmp_path / "results.json").read_text()) == {"accuracy": 0.5}
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):  # a real failure to write is not hidden
+        write_json_atomically(tmp_path / "results.json", {"accuracy": 0.6})
+    assert json.loads((tmp_path / "results.json").read_text()) == {"accuracy": 0.5}

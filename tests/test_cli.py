@@ -103,6 +103,15 @@ def test_resume_skips_finished_work_and_keeps_the_numbers(rte_run, capsys, monke
                               "--set", "stages.0.quantization.eta=1.0")
     assert f"the stage '{before['stages'][0]['name']}' in {out / 'stages'}" in message and "(differing: quantization;" in message
     assert (out / "stages" / before["stages"][0]["name"] / "settings.json").read_text() == stage_settings
+    # Forgetting --resume once (refused: checkpoints exist) does not overwrite the record the next --resume checks.
+    import surge_nlp.distill
+
+    monkeypatch.setattr("surge_nlp.pipeline.train", surge_nlp.distill.train)  # it refuses before any step
+    assert "holds checkpoints of an earlier run" in _one_line_error(capsys, "glue", "rte", "--recipe", recipe, "--output", out,
+                                                                    "--set", "stages.0.quantization.eta=1.0")
+    assert (out / "stages" / before["stages"][0]["name"] / "settings.json").read_text() == stage_settings
+    assert "(differing: quantization;" in _one_line_error(capsys, "glue", "rte", "--recipe", recipe, "--output", out, "--resume",
+                                                          "--set", "stages.0.quantization.eta=1.0")
     message = _one_line_error(capsys, "glue", "rte", "--recipe", recipe, "--output", out, "--resume",
                               "--set", "teacher.learning_rate=0.002")
     assert f"the teacher in {out / 'teacher_training'} was made with other settings" in message and "(differing: training;" in message
@@ -132,9 +141,20 @@ def test_stsb_finetune_then_distill_two_stages(tmp_path, tiny_base, capsys):
     assert results["shipped"]["packed"] == results["stages"][-1]["metrics"]
     assert results["teacher"]["model"] == str(tmp_path / "ft" / "teacher") and results["summary"]["binarized_layers"] > 0
     # A resume with another teacher is refused: the stages were distilled from the first one.
+    # The teacher is known by its files, not by the path as typed; settings that change nothing here
+    # (evaluation size for stages that do not evaluate while training) do not block the reuse.
     import shutil
 
+    code, _, err = run(capsys, "distill", "stsb", "--recipe", recipe, "--teacher", tmp_path / "ft" / ".." / "ft" / "teacher",
+                       "--output", tmp_path / "d", "--resume", "--max-eval-samples", 20, "--set", "distill.log_every=3")
+    assert code == 0, err
+    shutil.copytree(tmp_path / "ft" / "teacher", tmp_path / "same_teacher")
+    assert run(capsys, "distill", "stsb", "--recipe", recipe, "--teacher", tmp_path / "same_teacher", "--output",
+               tmp_path / "d", "--resume")[0] == 0
+    # Another teacher is refused: the stages were distilled from the first one.
     shutil.copytree(tmp_path / "ft" / "teacher", tmp_path / "other_teacher")
+    config_path = tmp_path / "other_teacher" / "config.json"
+    config_path.write_text(config_path.read_text().replace('"similarity"', '"similarity score"'))
     message = _one_line_error(capsys, "distill", "stsb", "--recipe", recipe, "--teacher", tmp_path / "other_teacher",
                               "--output", tmp_path / "d", "--resume")
     assert "the stage 'w1a4'" in message and "(differing: teacher;" in message
@@ -192,9 +212,9 @@ def test_merge_is_deep_for_mappings_and_replaces_lists():
          "attention_weight 0 (got 1.0, 0.0, 0.0)"),
         ("task: rte\nmodel: m\ndistill: {logits_weight: 0, hidden_weight: 0, ground_truth_weight: 1}\nstages: [{name: s, quantization: {}}]",
          "stage 's' is distilled from a teacher: set one of its logits_weight, hidden_weight, attention_weight > 0"),
-        ("task: rte\nmodel: m\ndistill: {mixed_precision: bf16}\nstages: [{name: s, quantization: {}}]",
-         "mixed_precision must be the same for the teacher and every stage (one run is one process, and accelerate fixes it "
-         "once per process); got {'teacher': 'no', 'stage s': 'bf16'}"),
+        ("task: rte\nmodel: m\nstages: [{name: a, quantization: {}}, {name: b, quantization: {}, training: {mixed_precision: bf16}}]",
+         "mixed_precision must be the same for every training in one process (accelerate fixes it once per process); "
+         "got {'stage a': 'no', 'stage b': 'bf16'}"),
         ("task: rte\nmodel: m\nstages: [{name: ../up, quantization: {}}]", "stage 1: `name` '../up' is invalid; it names the folder"),
         ("task: rte\nmodel: m\nselection: {held_out: 0.1}\nstages: [{quantization: {}}]",
          "selection.held_out=0.1 sets training rows aside to pick the kept epoch, but no stage evaluates while training"),
@@ -207,6 +227,22 @@ def test_bad_recipes_are_one_clear_error(tmp_path, capsys, content, message):
         load_recipe(str(path))
     assert message in str(err.value)
     assert message in _one_line_error(capsys, "glue", "rte", "--recipe", path, "--output", tmp_path / "out")
+
+
+def test_stage_edits_are_validated_with_the_rest_and_the_teacher_precision_where_it_trains(tmp_path, capsys, tiny_base):
+    from surge_nlp.cli import _recipe, build_parser
+
+    def recipe_of(*argv):
+        return _recipe(build_parser().parse_args(["glue", "rte", "--output", str(tmp_path), *argv]))
+
+    # Valid only together: the held-out selection needs a stage that evaluates (before: refused half-built).
+    recipe = recipe_of("--set", "selection.held_out=0.1", "--set", "stages.0.training.eval_every=epoch")
+    assert recipe.selection.held_out == 0.1 and recipe.stages[0].training.eval_every == "epoch"
+    # The teacher's precision matters only where it is fine-tuned in the same process as the stages.
+    assert recipe_of("--set", "distill.mixed_precision=bf16").stages[0].training.mixed_precision == "bf16"
+    path = write_recipe(tmp_path / "rte.yaml", "rte", tiny_base)
+    message = _one_line_error(capsys, "glue", "rte", "--recipe", path, "--output", tmp_path / "o", "--set", "distill.mixed_precision=bf16")
+    assert "mixed_precision must be the same for every training in one process" in message and "'teacher': 'no'" in message
 
 
 def test_a_copied_task_recipe_keeps_the_shipped_defaults(tmp_path):

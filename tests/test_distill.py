@@ -411,6 +411,14 @@ def test_resume_guards(tmp_path):
     assert again.steps == 2 and [record["step"] for record in again.log_history] == [1, 2]
     # Another training set: the saved position (epoch, batches done) would name other batches, or
     # skip them all and spin forever when it is past the new epoch's end (before, nothing checked it).
+    # A checkpoint from before the data record, whose position lies past this run's epoch: refused, not an endless loop.
+    state_path = list_checkpoints(tmp_path)[-1] / "trainer_state.json"
+    saved = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**{k: v for k, v in saved.items() if k != "data"}, "step": 0, "batches_in_epoch": 2}))
+    with pytest.raises(ValueError, match=r"cannot resume: the checkpoint has done 2 batches of its epoch, but this run's epoch has 2"):
+        train(tiny_model(), loader(train_rows[:4], batch_size=2), config, teacher=tiny_model(), output_dir=tmp_path, resume=True,
+              progress=False)
+    state_path.write_text(json.dumps(saved))
     for rows in (train_rows[:4], train_rows + train_rows[:2]):
         with pytest.raises(ValueError, match=r"cannot resume from .*step_2: the training data differs from the run's "
                                              r"\(examples 14 in the checkpoint, \d+ now, batches_per_epoch 7 in the checkpoint, \d+ now\)"):

@@ -124,6 +124,10 @@ def _epoch_batches(accelerator: Accelerator, train_loader, state: TrainingState)
     """The batches of the current epoch still to do: the order is a function of seed and epoch, so
     a run resumed mid-epoch skips exactly the batches it had done."""
     train_loader.set_epoch(state.epoch)
+    if state.batches_in_epoch >= len(train_loader):  # (a checkpoint without a data record, from other data)
+        raise ValueError(f"cannot resume: the checkpoint has done {state.batches_in_epoch} batches of its epoch, but this "
+                         f"run's epoch has {len(train_loader)}; the training data differs from the run's. Resume with the "
+                         "same data, or start a new output_dir")
     if state.batches_in_epoch:
         return accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
     return train_loader
