@@ -8,7 +8,7 @@ Layout of an output directory (`--resume` continues from whatever it holds):
     stages/<name>/           a stage's trainer checkpoints, log history, settings.json, and on completion
     stages/<name>/final/     the stage's student as a training checkpoint (latent + auxiliary weights)
     student/                 the last stage's student, packed 1-bit (deployable) + tokenizer
-    results.json             teacher and student metrics, wall times, sizes, the recipe used
+    results.json             teacher and student metrics, wall times, sizes, the recipe files and every resolved setting
 
 `settings.json` records what a teacher or stage is made from (the recipe's settings for it, its data,
 and for a stage everything upstream); `--resume` refuses to continue or reuse one made otherwise.
@@ -345,7 +345,8 @@ def ship_student(recipe: Recipe, student: nn.Module, tokenizer: PreTrainedTokeni
     def measure_and_write() -> None:
         shipped = evaluate_shipped(recipe, output_dir / "student", tokenizer, reference=teacher)
         write_json_atomically(results_path, {
-            "task": recipe.task, "recipe": recipe.sources, "augmentation": recipe.augmentation.to_dict(),
+            "task": recipe.task, "recipe": recipe.sources, "resolved_recipe": recipe.to_dict(),
+            "augmentation": recipe.augmentation.to_dict(),
             "selection": recipe.selection.to_dict(), "teacher": teacher_info, "stages": stages,
             "student_dir": str(output_dir / "student"), "summary": report.totals, "shipped": shipped})
 

@@ -113,6 +113,16 @@ class Recipe:
     selection: Selection = field(default_factory=Selection)
     sources: list[str] = field(default_factory=list)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every resolved setting, as a recipe file would hold it: `Recipe.from_dict(r.to_dict())`
+        gives the same recipe (results.json keeps it, so a run can be repeated from it alone)."""
+        return {"task": self.task, "model": self.model, "dataset": self.dataset, "max_seq_length": self.max_seq_length,
+                "max_train_samples": self.max_train_samples, "max_eval_samples": self.max_eval_samples,
+                "augmentation": self.augmentation.to_dict(), "selection": self.selection.to_dict(),
+                "teacher": self.teacher.to_dict(),
+                "stages": [{"name": stage.name, "quantization": stage.quantization.to_dict(), "training": stage.training.to_dict(),
+                            "keep_shifts": stage.keep_shifts} for stage in self.stages]}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], sources: list[str] | None = None) -> "Recipe":
         where = " + ".join(sources or ["recipe"])

@@ -138,6 +138,7 @@ def test_stsb_finetune_then_distill_two_stages(tmp_path, tiny_base, capsys):
     # distill writes results.json as glue does: the stages, and what is shipped measured on the packed student.
     results = json.loads((tmp_path / "d" / "results.json").read_text())
     assert [stage["name"] for stage in results["stages"]] == ["w1a4", "w1a1"]
+    assert load_recipe(str(recipe)).to_dict() == results["resolved_recipe"]  # every setting the run used
     assert results["shipped"]["packed"] == results["stages"][-1]["metrics"]
     assert results["teacher"]["model"] == str(tmp_path / "ft" / "teacher") and results["summary"]["binarized_layers"] > 0
     # A resume with another teacher is refused: the stages were distilled from the first one.
@@ -243,6 +244,21 @@ def test_stage_edits_are_validated_with_the_rest_and_the_teacher_precision_where
     path = write_recipe(tmp_path / "rte.yaml", "rte", tiny_base)
     message = _one_line_error(capsys, "glue", "rte", "--recipe", path, "--output", tmp_path / "o", "--set", "distill.mixed_precision=bf16")
     assert "mixed_precision must be the same for every training in one process" in message and "'teacher': 'no'" in message
+
+
+def test_a_resolved_recipe_round_trips_and_reruns_as_a_file(tmp_path):
+    from surge_nlp.recipe import Recipe, recipe_dir
+
+    for path in sorted(recipe_dir().glob("*.yaml")):
+        if path.stem == "defaults":
+            continue
+        for profiles in ([], ["cpu"], ["cpu-full"], ["multistep"]):
+            recipe = load_recipe(path.stem, profiles)
+            again = Recipe.from_dict(recipe.to_dict())
+            assert again.to_dict() == recipe.to_dict() and again.stages == recipe.stages, (path.stem, profiles)
+    recipe = load_recipe("mrpc", ["cpu-full"], {"selection": {"held_out": 0.1}})
+    (tmp_path / "resolved.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
+    assert load_recipe(str(tmp_path / "resolved.yaml")).to_dict() == recipe.to_dict()
 
 
 def test_a_copied_task_recipe_keeps_the_shipped_defaults(tmp_path):
