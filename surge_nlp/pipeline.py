@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -61,11 +62,27 @@ def write_once(write: Callable[[], Any]) -> None:
     Under `accelerate launch` every process runs the pipeline (each trains its shard, and the
     trainer keeps the replicas identical); one of them writes each file, and the others read it
     only after it is whole. A single process just writes. The process state is set up as the
-    trainer's Accelerator sets it up (accelerate fixes it at the first call), since this may come first."""
+    trainer's Accelerator sets it up (accelerate fixes it at the first call), since this may come first.
+
+    If the write fails on the main process, it raises there and every other process raises a
+    `RuntimeError` naming the failure, instead of waiting at the barrier until the launcher or the
+    process group's timeout (30 minutes with gloo) ends it."""
     state = PartialState(cpu=not has_accelerator_device())
-    if state.is_main_process:
+    if state.num_processes == 1:
         write()
-    state.wait_for_everyone()
+        return
+    failure: BaseException | None = None
+    if state.is_main_process:
+        try:
+            write()
+        except BaseException as error:  # re-raised below, once the others know
+            failure = error
+    # The broadcast is the barrier: every process leaves it knowing whether the write succeeded.
+    outcome = broadcast_object_list([None if failure is None else f"{type(failure).__name__}: {failure}"])[0]
+    if failure is not None:
+        raise failure
+    if outcome is not None:
+        raise RuntimeError(f"the main process failed while writing, so this process stops too: {outcome}")
 
 
 def _save_atomically(model: nn.Module, directory: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:

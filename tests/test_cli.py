@@ -679,6 +679,47 @@ def test_glue_under_accelerate_launch_with_two_cpu_processes_writes_and_prints_o
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "student")  # whole and loadable
 
 
+WRITE_ONCE_SCRIPT = """
+import sys
+from pathlib import Path
+from accelerate import PartialState
+from surge_nlp.pipeline import write_once
+
+state = PartialState(cpu=True)
+out = Path(sys.argv[1])
+write_once(lambda: (out / "first.txt").write_text("whole"))
+print(f"rank {state.process_index} read {(out / 'first.txt').read_text()}", flush=True)
+
+def failing_write():
+    raise OSError("disk full while writing results.json")
+
+try:
+    write_once(failing_write)
+except BaseException as error:
+    print(f"rank {state.process_index} stopped: {type(error).__name__}: {error}", flush=True)
+    raise
+"""
+
+
+def test_a_write_that_fails_on_the_main_process_stops_every_process_with_its_reason(tmp_path):
+    # Before, the other process waited at the barrier until the launcher (or gloo's 30-minute timeout) ended it.
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "write_once_failure.py"
+    script.write_text(WRITE_ONCE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode != 0
+    assert "rank 0 read whole" in completed.stdout and "rank 1 read whole" in completed.stdout  # a good write is seen by all
+    assert "rank 0 stopped: OSError: disk full while writing results.json" in completed.stdout, completed.stderr[-4000:]
+    assert ("rank 1 stopped: RuntimeError: the main process failed while writing, so this process stops too: "
+            "OSError: disk full while writing results.json") in completed.stdout, completed.stderr[-4000:]
+
+
 def test_a_missing_key_is_named_as_one(capsys, tmp_path, monkeypatch):
     # A KeyError's text is only the quoted key; the error line says what it is.
     import surge_nlp.cli as cli
