@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from .attention import AttentionQuantizers, surge_attention_forward
@@ -119,7 +119,12 @@ def _bind_scales(quantizers: AttentionQuantizers) -> None:
     quantizers.kernel_scales = _scales(quantizers)
     if not getattr(quantizers, "_scales_on_load", False):
         quantizers._scales_on_load = True
-        quantizers.register_load_state_dict_post_hook(lambda module, _: _bind_scales(module))
+        quantizers.register_load_state_dict_post_hook(_rebind_scales)
+
+
+def _rebind_scales(quantizers: AttentionQuantizers, incompatible_keys) -> None:
+    """Load-state-dict hook (a module-level function: a deployed model pickles)."""
+    _bind_scales(quantizers)
 
 
 def register_binary_attention() -> None:
@@ -133,9 +138,38 @@ def runs_on_binary_kernels(model: nn.Module, module: nn.Module) -> bool:
     if isinstance(module, BinarizedLayer):
         return module.engine != SIMULATED
     if isinstance(module, AttentionQuantizers):
-        config = getattr(model, "config", None)
+        # The Transformers model holding it decides (`model` itself, or one inside a plain wrapper).
+        owner = next((m for m in model.modules() if isinstance(m, PreTrainedModel) and any(x is module for x in m.modules())),
+                     model)
+        config = getattr(owner, "config", None)
         return getattr(config, "_attn_implementation", None) == BINARY_ATTENTION_IMPLEMENTATION and _attention_is_binary(module)
     return False
+
+
+def _attention_owners(model: nn.Module, binary_attention: dict[str, AttentionQuantizers]) -> list[PreTrainedModel]:
+    """The Transformers models whose attention implementation must switch: `model` itself, or in a
+    plain `nn.Module` wrapper the outermost `PreTrainedModel`s holding binary attention. ValueError
+    when some binary attention lies outside every `PreTrainedModel` (nothing could switch it)."""
+    if not binary_attention:
+        return []
+    if isinstance(model, PreTrainedModel):
+        return [model]
+    owners: dict[str, PreTrainedModel] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel) and name and not any(name.startswith(f"{o}.") for o in owners):
+            owners[name] = module
+    unowned = [name for name in binary_attention if not any(name.startswith(f"{o}.") for o in owners)]
+    if unowned:
+        raise ValueError(f"the binary attention at {unowned[0]} is not inside a Transformers model (PreTrainedModel), "
+                         "whose attention implementation deploy switches; deploy the PreTrainedModel itself")
+    return [module for o, module in owners.items() if any(name.startswith(f"{o}.") for name in binary_attention)]
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return None if tensor is None else tensor.device
 
 
 @torch.no_grad()
@@ -147,8 +181,10 @@ def deploy(model: nn.Module) -> nn.Module:
     `PackedSurgeEmbedding`, and 1-bit "surge" attention "surge_binary". Layers with 8-bit inputs stay
     simulated. When the kernels cannot be
     built (no C compiler, SURGE_NLP_DISABLE_KERNELS=1) the model is returned unchanged, in eval
-    mode, with a one-line RuntimeWarning. Raises ValueError for an uncalibrated activation quantizer.
-    Inference only: the deployed model cannot be trained further.
+    mode, with a one-line RuntimeWarning. Raises ValueError, before changing anything, for an
+    uncalibrated activation quantizer, a model that is not on the CPU (the kernels are CPU code:
+    `model.cpu()` first), or binary attention outside any Transformers model.
+    Inference only: the deployed model cannot be trained further (its kernel layers refuse training mode).
 
     Example: see the module docstring.
     """
@@ -156,23 +192,33 @@ def deploy(model: nn.Module) -> nn.Module:
     if not ops.available():
         ops.notify_unavailable()
         return model
-    replacements: dict[str, nn.Module] = {}
+    device = _model_device(model)
+    if device is not None and device.type != "cpu":
+        raise ValueError(f"deploy runs the model on the CPU binary kernels, and it is on {device}: call model.cpu() first")
+    # Every check first, so that a refused model is left as it was.
+    linears, embeddings, binary_attention = {}, {}, {}
     for name, module in model.named_modules():
         if isinstance(module, (SurgeLinear, PackedSurgeLinear)) and _runs_on_kernels(module.input_quantizer):
             require_calibrated(module.input_quantizer, name)
-            packed = PackedSurgeLinear.from_surge_linear(module) if isinstance(module, SurgeLinear) else module
-            replacements[name] = packed.use_kernels()
-        elif isinstance(module, SurgeEmbedding) and module.max_norm is None:
-            replacements[name] = PackedSurgeEmbedding.from_surge_embedding(module).use_kernels()
-        elif isinstance(module, PackedSurgeEmbedding):
-            module.use_kernels()
+            linears[name] = module
+        elif isinstance(module, (SurgeEmbedding, PackedSurgeEmbedding)) and getattr(module, "max_norm", None) is None:
+            embeddings[name] = module
         elif isinstance(module, AttentionQuantizers) and _attention_is_binary(module):
             for part in ("query", "key", "value", "probs"):
                 require_calibrated(getattr(module, part), f"{name}.{part}")
-            _bind_scales(module)
-    for name, replacement in replacements.items():
-        model.set_submodule(name, replacement)
-    if any(isinstance(m, AttentionQuantizers) and _attention_is_binary(m) for m in model.modules()):
+            binary_attention[name] = module
+    owners = _attention_owners(model, binary_attention)
+
+    for name, module in linears.items():
+        packed = PackedSurgeLinear.from_surge_linear(module) if isinstance(module, SurgeLinear) else module
+        model.set_submodule(name, packed.use_kernels())
+    for name, module in embeddings.items():
+        packed = PackedSurgeEmbedding.from_surge_embedding(module) if isinstance(module, SurgeEmbedding) else module
+        model.set_submodule(name, packed.use_kernels())
+    for quantizers in binary_attention.values():
+        _bind_scales(quantizers)
+    if owners:
         register_binary_attention()
-        model.set_attn_implementation(BINARY_ATTENTION_IMPLEMENTATION)  # Transformers' hook
-    return model
+        for owner in owners:
+            owner.set_attn_implementation(BINARY_ATTENTION_IMPLEMENTATION)  # Transformers' hook
+    return model.eval()  # the new packed modules too

@@ -26,6 +26,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 from transformers.utils import hub as transformers_hub
 
 from .serialization import surge_config_of
@@ -121,17 +122,21 @@ def push_to_hub(model: nn.Module, repo_id: str, *, metrics: dict[str, float] | N
                 base_model: str | None = None, commit_message: str | None = None, commit_description: str | None = None,
                 private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
                 create_pr: bool = False, max_shard_size: int | str | None = "50GB", tags: list[str] | None = None,
-                speedup: float | None = None) -> Any:
+                speedup: float | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> Any:
     """Upload `model.save_pretrained`'s files plus a SURGE model card to `repo_id` (one commit).
 
     Same arguments as Transformers' `push_to_hub`, plus the model card's `metrics`, `task`,
     `base_model` and `speedup` (the deployed form's measured speed over FP32, e.g.
-    `surge_nlp.shipped.measure_speed(...)["speedup"]`). Returns the Hub client's commit info.
+    `surge_nlp.shipped.measure_speed(...)["speedup"]`), and `tokenizer`, whose files go in the same
+    commit (without it the repository holds no tokenizer: `AutoTokenizer.from_pretrained(repo_id)`
+    and `pipeline(...)` need one). Returns the Hub client's commit info.
     """
     repo_id = transformers_hub.hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     card = model_card(model, metrics=metrics, task=task, base_model=base_model, repo_id=repo_id, tags=tags, speedup=speedup)
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
         with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(card)
         return model._upload_modified_files(

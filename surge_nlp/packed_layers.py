@@ -108,7 +108,8 @@ class PackedSurgeLinear(OneBitLinearBits, nn.Linear):
         weights and the quantizer's constants are copies outside it, refreshed when a state dict is
         loaded), so `save_pretrained` of a deployed model writes a loadable checkpoint. Raises
         ValueError for an input the kernels cannot run (32 or 8 bits) or an uncalibrated quantizer,
-        RuntimeError when the kernels are unavailable.
+        RuntimeError when the kernels are unavailable. Inference only: the layer is put in eval mode,
+        and its kernel forward (which computes no gradient) refuses training mode.
         """
         quantizer = self.input_quantizer
         if quantizer is None or quantizer.bits not in KERNEL_INPUT_BITS:
@@ -120,9 +121,9 @@ class PackedSurgeLinear(OneBitLinearBits, nn.Linear):
         self._snapshot_for_kernels()
         if not getattr(self, "_snapshot_on_load", False):  # a state dict loaded later refreshes the copies
             self._snapshot_on_load = True
-            self.register_load_state_dict_post_hook(lambda module, _: module._snapshot_for_kernels())
+            self.register_load_state_dict_post_hook(_refresh_kernel_snapshot)
         self.engine = KERNEL_ENGINES[quantizer.signed] if quantizer.bits == 1 else BIT_SERIAL_ENGINE
-        return self
+        return self.eval()  # inference only: the kernel forward refuses training mode
 
     @torch.no_grad()
     def _snapshot_for_kernels(self) -> None:
@@ -137,6 +138,10 @@ class PackedSurgeLinear(OneBitLinearBits, nn.Linear):
             None if self.bias is None else self.bias.detach().float().contiguous())
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            # The kernels compute no gradient: earlier layers (or adapters) would silently get none.
+            raise RuntimeError("a layer on the binary kernels is inference only (it computes no gradient) and the model "
+                               "is in training mode; call model.eval(), or train before surge_nlp.deploy")
         out = self.kernel(x.reshape(-1, self.in_features).float())
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -155,6 +160,11 @@ class PackedSurgeLinear(OneBitLinearBits, nn.Linear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight_bits=1 (packed), activation_bits={self.activation_bits}, engine={self.engine}")
+
+
+def _refresh_kernel_snapshot(module: PackedSurgeLinear, incompatible_keys) -> None:
+    """Load-state-dict hook of a layer on the kernels (a module-level function: a deployed model pickles)."""
+    module._snapshot_for_kernels()
 
 
 class PackedSurgeEmbedding(nn.Module):

@@ -396,7 +396,8 @@ def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = 
 
         metrics = next(iter(result.student["metrics"].values()))
         speedup = (result.shipped.get("speed") or {}).get("speedup")
-        write_once(lambda: push(student, push_to_hub, metrics=metrics, task=recipe.task, base_model=recipe.model, speedup=speedup))
+        write_once(lambda: push(student, push_to_hub, metrics=metrics, task=recipe.task, base_model=recipe.model, speedup=speedup,
+                                tokenizer=tokenizer))
     return result
 
 

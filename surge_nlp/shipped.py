@@ -51,6 +51,10 @@ def measure_speed(reference: nn.Module, deployed: nn.Module, batches: Sequence[d
     """
     if not batches:
         raise ValueError("measure_speed needs at least one batch")
+    devices = {name: {t.device for t in [*model.parameters(), *model.buffers()]} | {t.device for t in batches[0].values()}
+               for name, model in (("reference", reference), ("deployed", deployed))}
+    if any(len(found) > 1 for found in devices.values()) or devices["reference"] != devices["deployed"]:
+        raise ValueError(f"measure_speed times both models on the same device as the batches; found {devices}")
     models = {"reference": reference.eval(), "deployed": deployed.eval()}
     for model in models.values():
         model(**batches[0])  # warm-up: kernels built, caches filled
@@ -100,8 +104,20 @@ def evaluate_shipped(recipe: Recipe, student_dir: str | Path, tokenizer: PreTrai
             batches.append(batch)
             if len(batches) == SPEED_BATCHES:
                 break
-        shipped["speed"] = measure_speed(reference, fast, batches)
+        shipped["speed"] = _speed_on_cpu(reference, fast, batches)
     return shipped
+
+
+def _speed_on_cpu(reference: nn.Module, deployed: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """`measure_speed` with the reference on the CPU, where the deployed kernels run: the trainer
+    leaves the teacher on its accelerator, and a GPU teacher against CPU kernels is no comparison.
+    The reference goes back to its device afterwards."""
+    parameter = next(reference.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    try:
+        return measure_speed(reference.to("cpu"), deployed, batches)
+    finally:
+        reference.to(device)
 
 
 __all__ = ["EVAL_BATCH_SIZE", "evaluate_shipped", "measure_speed"]

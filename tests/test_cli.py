@@ -507,6 +507,11 @@ def test_glue_push_to_hub_card_carries_the_measured_dev_results(tmp_path, tiny_b
     assert {r.metric_type: r.metric_value for r in card.data.eval_results} == measured
     assert all(r.dataset_config == "rte" and r.dataset_split == "validation" for r in card.data.eval_results)
     assert card.data.base_model is None  # a local base model is not a Hub id
+    # The tokenizer goes up with the model (before, the repository could not tokenize a sentence).
+    from transformers import AutoTokenizer
+
+    pushed = AutoTokenizer.from_pretrained(intercepted_hub["dir"])
+    assert pushed("a sentence")["input_ids"] == AutoTokenizer.from_pretrained(tmp_path / "out" / "student")("a sentence")["input_ids"]
     assert "W-E-A bits: 1-32-1" in card.text and "MiB deployed" in card.text
     speed = results["shipped"].get("speed")
     if speed:  # the kernels built here: the card reports the speed the pipeline measured

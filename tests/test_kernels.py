@@ -323,6 +323,88 @@ def test_deployed_model_matches_simulated_logits_on_binary_kernels(family):
         assert torch.equal(actual, reference)
 
 
+def test_deploy_refuses_a_model_off_the_cpu_before_changing_it():
+    # The kernels are CPU code: a CUDA model's tensors handed to C crashed the interpreter (a device pointer).
+    # A meta-device model stands in for one on a GPU here (the same check: device type not "cpu").
+    model, _ = _calibrated_tiny(seed=2, num_hidden_layers=1)
+    meta = copy.deepcopy(model).to("meta")
+    with pytest.raises(ValueError, match=r"on meta: call model.cpu\(\) first"):
+        deploy(meta)
+    assert not any(isinstance(m, PackedSurgeLinear) for m in meta.modules())  # left as it was
+    assert meta.config._attn_implementation != BINARY_ATTENTION_IMPLEMENTATION
+
+
+def test_kernel_operands_off_the_cpu_are_refused_not_read_as_host_memory():
+    device_words = torch.zeros(4, 2, dtype=torch.int64, device="meta")
+    host_words = torch.zeros(4, 2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="rows must be a CPU tensor .* on meta"):
+        ops.weight_panels(device_words)
+    with pytest.raises(TypeError, match="a must be a CPU tensor"):
+        ops.binary_matmul(device_words, host_words, k=128)
+    with pytest.raises(TypeError, match="b must be a CPU tensor"):
+        ops.binary_matmul(host_words, device_words, k=128)
+    packed = torch.zeros(3, 2, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="ids must be a CPU tensor"):
+        ops.gather_signs(packed, torch.tensor([1], device="meta"), torch.ones(3), columns=16)
+
+
+def test_gather_signs_and_bytes_to_words_refuse_a_column_count_the_bytes_do_not_hold():
+    # Before: columns=64 over 2-byte rows returned 64 columns, 48 of them read past each row (and the buffer).
+    packed = torch.zeros(3, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="64 columns need 8 bytes per row, the matrix has 2"):
+        ops.gather_signs(packed, torch.tensor([2]), torch.ones(3), columns=64)
+    assert ops.gather_signs(packed, torch.tensor([2]), torch.ones(3), columns=13).shape == (1, 13)
+    with pytest.raises(ValueError, match="64 columns need 8 bytes per row, got 2"):
+        ops.bytes_to_words(packed, 64)
+
+
+def test_deploy_of_a_plain_module_wrapping_a_transformers_model_switches_its_attention():
+    # Before: the linears were swapped, then set_attn_implementation (absent on nn.Module) raised,
+    # leaving a half-deployed model.
+    model, batch = _calibrated_tiny(seed=3, num_hidden_layers=1)
+    expected = _logits(model, batch)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **inputs):
+            return self.inner(**inputs)
+
+    fast = deploy(Wrapper(copy.deepcopy(model)))
+    assert fast.inner.config._attn_implementation == BINARY_ATTENTION_IMPLEMENTATION
+    _assert_same_logits(_logits(fast, batch), expected)
+    report = surge_nlp.summary(fast, print_fn=None).totals
+    assert report["kernel_attention_modules"] == 1 and report["kernel_layers"] > 0
+
+    # Binary attention outside any Transformers model: refused before anything changes.
+    bare = Wrapper(copy.deepcopy(model).bert.encoder)
+    with pytest.raises(ValueError, match="not inside a Transformers model"):
+        deploy(bare)
+    assert not any(isinstance(m, PackedSurgeLinear) for m in bare.modules())
+
+
+def test_a_deployed_model_pickles_and_its_kernel_layers_refuse_training_mode():
+    import io
+    import pickle
+
+    model, batch = _calibrated_tiny(seed=4, num_hidden_layers=1)
+    fast = deploy(model)
+    expected = _logits(fast, batch)
+    # The load hooks were lambdas: torch.save(model) and spawn-based multiprocessing failed.
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    again = pickle.loads(pickle.dumps(fast))
+    _assert_same_logits(_logits(again, batch), expected)
+    # The kernels compute no gradient: training a deployed model would silently train nothing below them.
+    fast.train()
+    with pytest.raises(RuntimeError, match="inference only .* training mode"):
+        fast(**batch)
+    fast.eval()
+    _assert_same_logits(_logits(fast, batch), expected)
+
+
 def test_binary_attention_matches_simulated_attention_alone():
     model, batch = _calibrated_tiny(seed=1, num_hidden_layers=1)
     expected = _logits(model, batch)
@@ -585,9 +667,41 @@ def test_compiler_without_openmp_still_builds_single_threaded_kernels(monkeypatc
 
     _use_compiler_script(monkeypatch, tmp_path, "cc-without-openmp",
                          'for arg in "$@"; do [ "$arg" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')
-    path = build.build_library()
+    with pytest.warns(RuntimeWarning, match="without OpenMP"):
+        path = build.build_library()
     assert path.exists() and path.parent == tmp_path / "cache"
     assert "omp_" not in path.read_bytes().decode("latin-1")  # no OpenMP runtime referenced
+    # Cached under its own name: the same compiler with OpenMP builds the threaded library, not this one.
+    _use_compiler_script(monkeypatch, tmp_path, "cc-with-openmp", 'exec cc "$@"\n')
+    threaded = build.build_library()
+    assert threaded != path and "omp_" in threaded.read_bytes().decode("latin-1")
+
+
+def test_an_unwritable_kernel_cache_is_a_build_error_and_the_simulated_path_runs(monkeypatch, tmp_path):
+    # Before: a plain OSError escaped ops.available() and deploy crashed (a read-only home, a file in the way).
+    from surge_nlp.kernels import build
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("SURGE_NLP_KERNEL_CACHE", str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(build.KernelBuildError, match="cannot write the kernel cache .*SURGE_NLP_KERNEL_CACHE"):
+        build.build_library()
+    ops.reset()
+    try:
+        assert not ops.available() and "cannot write the kernel cache" in ops.unavailable_reason()
+    finally:
+        monkeypatch.undo()
+        ops.reset()
+    assert ops.available()
+
+
+def test_the_kernel_cache_key_names_the_machine(monkeypatch, tmp_path):
+    # A cache shared by an x86 and an ARM node must not hand one the other's library.
+    from surge_nlp.kernels import build
+
+    here = build._cache_key("cc", openmp=True)
+    monkeypatch.setattr(build.platform, "machine", lambda: "another-architecture")
+    assert build._cache_key("cc", openmp=True) != here
+    assert build._cache_key("cc", openmp=False) != build._cache_key("cc", openmp=True)
 
 
 # ---------------------------------------------------------------- the interface table

@@ -32,3 +32,36 @@ def test_measure_speed_times_both_models_on_every_batch_and_reports_their_ratio(
 def test_measure_speed_needs_a_batch():
     with pytest.raises(ValueError, match="at least one batch"):
         measure_speed(Sleeper(0), Sleeper(0), [])
+
+
+def test_measure_speed_refuses_models_on_another_device_than_the_batches():
+    # A GPU teacher timed against CPU kernels (or fed CPU batches) is no measurement; "meta" stands in for a GPU.
+    on_device = torch.nn.Linear(4, 2).to("meta")
+    with pytest.raises(ValueError, match="same device as the batches"):
+        measure_speed(on_device, torch.nn.Linear(4, 2), [{"input": torch.ones(1, 4)}])
+
+
+class Relocatable(torch.nn.Linear):
+    """Records every move; a move off "meta" (standing in for a GPU) allocates fresh CPU storage."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 2)
+        self.moves: list[str] = []
+
+    def to(self, device):
+        self.moves.append(str(device))
+        if self.weight.device.type == "meta":
+            return self.to_empty(device=device)
+        return super().to(device)
+
+
+def test_the_shipped_speed_times_the_reference_on_the_cpu_and_gives_it_back_to_its_device():
+    # Before: the trainer left the teacher on its accelerator, and the timing fed it CPU batches (a crash at
+    # the end of run_glue on a GPU machine, after all the training); timing it there would compare a GPU with the kernels.
+    from surge_nlp.shipped import _speed_on_cpu
+
+    reference = Relocatable()
+    torch.nn.Module.to(reference, "meta")
+    speed = _speed_on_cpu(reference, torch.nn.Linear(4, 2), [{"input": torch.ones(3, 4)}])
+    assert reference.moves == ["cpu", "meta"] and reference.weight.device.type == "meta"
+    assert speed["batch_size"] == 3 and speed["speedup"] > 0

@@ -25,7 +25,10 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shlex
+import sys
+import warnings
 import re
 import subprocess
 from dataclasses import dataclass
@@ -99,30 +102,57 @@ def _compile_command(compiler: str, output: Path, openmp: bool = True) -> list[s
     return [*shlex.split(compiler), *FLAGS, *([OPENMP] if openmp else []), str(SOURCE), "-o", str(output)]
 
 
-def build_library() -> Path:
-    """The path of the compiled library, compiling it if the cache has no copy for this source."""
-    compiler = os.environ.get("CC") or "cc"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_compile_command(compiler, Path("out"))).encode()).hexdigest()[:16]
-    directory = cache_dir()
-    target = directory / f"surge_kernels-{key}.so"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
+def _cache_key(compiler: str, openmp: bool) -> str:
+    """The source, the compile command and the platform: a cache shared by other machines (an x86 and
+    an ARM node, another OS or C library) never hands one machine another's build."""
+    platform_tag = f"{platform.machine()} {sys.platform} {' '.join(platform.libc_ver())}"
+    command = " ".join(_compile_command(compiler, Path("out"), openmp))
+    return hashlib.sha256(SOURCE.read_bytes() + command.encode() + platform_tag.encode()).hexdigest()[:16]
+
+
+class _CompileFailed(Exception):
+    """One compile command failed (its message: the command and the compiler's last words)."""
+
+
+def _compile(compiler: str, target: Path, openmp: bool) -> None:
+    """Compile into `target` (temporary name, then rename); _CompileFailed with the compiler's complaint."""
     with atomic_write(target) as temporary:  # unique per process: concurrent builds do not collide
-        failures = []
-        for openmp in (True, False):
-            command = _compile_command(compiler, temporary, openmp)
-            try:
-                result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-            except (OSError, subprocess.TimeoutExpired) as error:
-                raise KernelBuildError(f"C compiler {compiler!r} not usable ({error})") from error
-            if result.returncode == 0:
-                break
-            failures.append(f"`{' '.join(command)}` failed: {result.stderr.strip()[-300:]}")
-        else:
-            raise KernelBuildError("; ".join(failures))
-    return target
+        command = _compile_command(compiler, temporary, openmp)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise KernelBuildError(f"C compiler {compiler!r} not usable ({error})") from error
+        if result.returncode != 0:
+            raise _CompileFailed(f"`{' '.join(command)}` failed: {result.stderr.strip()[-300:]}")
+
+
+def build_library() -> Path:
+    """The path of the compiled library, compiling it if the cache has no copy for this source and machine.
+
+    With OpenMP when the compiler has it; otherwise single-threaded, with a warning, cached under its
+    own name (a compiler that gains OpenMP later builds the threaded one)."""
+    compiler = os.environ.get("CC") or "cc"
+    directory = cache_dir()
+    threaded, single = (directory / f"surge_kernels-{_cache_key(compiler, openmp)}.so" for openmp in (True, False))
+    if threaded.exists():
+        return threaded
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            _compile(compiler, threaded, openmp=True)
+            return threaded
+        except _CompileFailed as threaded_failure:
+            if not single.exists():
+                try:
+                    _compile(compiler, single, openmp=False)
+                except _CompileFailed as single_failure:
+                    raise KernelBuildError(f"{threaded_failure}; {single_failure}") from None
+            warnings.warn(f"surge_nlp: the binary kernels are built without OpenMP (single-threaded): {threaded_failure}",
+                          RuntimeWarning, stacklevel=2)
+            return single
+    except OSError as error:  # an unwritable cache (read-only home, a file in the way)
+        raise KernelBuildError(f"cannot write the kernel cache {directory} ({error}); set SURGE_NLP_KERNEL_CACHE "
+                               "to a writable folder") from error
 
 
 def load_library() -> ctypes.CDLL | None:

@@ -35,6 +35,8 @@ def bytes_to_words(rows: torch.Tensor, columns: int) -> torch.Tensor:
     kernels' layout, so this only pads each row to whole words."""
     if sys.byteorder != "little":
         raise RuntimeError("the binary kernels' packed layout needs a little-endian machine")
+    if rows.shape[-1] != (columns + 7) // 8:
+        raise ValueError(f"{columns} columns need {(columns + 7) // 8} bytes per row, got {rows.shape[-1]}")
     if columns % 8:  # the last byte's unused bits: zero, as the kernels' packed activations have them
         rows = rows.clone()
         rows[..., -1] &= (1 << (columns % 8)) - 1
@@ -71,6 +73,13 @@ def _check_allocated(status: int) -> None:
 def _check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype != torch.float32 or t.device.type != "cpu":
         raise TypeError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+
+
+def _check_cpu(**tensors: torch.Tensor | None) -> None:
+    """The kernels read host memory: a tensor on another device would hand C a device pointer."""
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cpu":
+            raise TypeError(f"{name} must be a CPU tensor (the binary kernels run on the CPU), got one on {t.device}")
 
 
 def pack_signs(x: torch.Tensor, beta: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -141,6 +150,7 @@ def weight_panels(rows: torch.Tensor) -> WeightPanels:
     """The panel layout of packed rows (int64 `(n, words)`), for a B operand used many times (weights)."""
     if rows.dtype != torch.int64 or rows.dim() != 2 or rows.stride(-1) != 1:
         raise ValueError(f"weight_panels needs int64 (n, words) rows with unit last stride, got {rows.dtype} {tuple(rows.shape)}")
+    _check_cpu(rows=rows)
     n, n_words = rows.shape
     data = torch.empty((n + 7) // 8, n_words, 8, dtype=torch.int64)
     _lib().surge_weight_panels(rows.data_ptr(), n, n_words, rows.stride(0), data.data_ptr())
@@ -169,6 +179,7 @@ def binary_matmul(a: torch.Tensor, b: torch.Tensor | WeightPanels, k: int, mode:
                          "AND with 1, 2 or 4 planes")
     if a.dtype != torch.int64 or (b.data if panels else b).dtype != torch.int64:
         raise TypeError("packed operands must be int64 tensors (from pack_signs / pack_levels)")
+    _check_cpu(a=a, b=b.data if panels else b, out=out)
     if (not panels and a.shape[:-2] != b.shape[:-2]) or (panels and a.dim() != 2) or a.shape[-1] != planes * b_words \
             or a.dim() > 4 or a.dim() < 2:
         raise ValueError(f"packed operands do not match: {tuple(a.shape)} and "
@@ -213,8 +224,11 @@ def gather_signs(packed: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor, 
     shape `(*ids.shape, columns)`: what `surge_nlp.packing.unpack_binary_weight` gives for the
     looked-up rows, without materialising them as bools first."""
     _check_float("scales", scales)
+    _check_cpu(packed=packed, ids=ids)
     if packed.dtype != torch.uint8 or packed.dim() != 2 or not packed.is_contiguous():
         raise ValueError(f"gather_signs needs a contiguous uint8 (rows, bytes) matrix, got {packed.dtype} {tuple(packed.shape)}")
+    if packed.shape[1] != (columns + 7) // 8:  # the C loop reads ceil(columns / 8) bytes of each row
+        raise ValueError(f"{columns} columns need {(columns + 7) // 8} bytes per row, the matrix has {packed.shape[1]}")
     if scales.shape != packed.shape[:1] or not scales.is_contiguous():
         raise ValueError(f"scales must be contiguous of shape ({packed.shape[0]},)")
     flat = ids.reshape(-1).to(torch.int64).contiguous()
@@ -240,6 +254,7 @@ class LinearKernel:
                                    ("bias", bias, panels.rows)):
             if vector is not None and (vector.dtype != torch.float32 or vector.shape != (size,) or not vector.is_contiguous()):
                 raise ValueError(f"{name} must be a contiguous float32 vector of {size}")
+        _check_cpu(panels=panels.data, shift=shift, weight_scale=weight_scale, bias=bias)
         if panels.words != words(in_features):
             raise ValueError(f"panels of {panels.words} words do not hold {in_features} inputs")
         self.panels, self.k, self.n, self.alpha = panels, in_features, panels.rows, float(alpha)
