@@ -67,13 +67,15 @@ def surge_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention on quantized operands; same signature and outputs as Transformers' eager attention."""
     quantizers: AttentionQuantizers | None = getattr(module, "surge_attention", None)
-    if quantizers is None:
-        raise RuntimeError(
-            f"{type(module).__name__} runs the 'surge' attention implementation but has no `surge_attention` "
-            "quantizers; load the model through surge_nlp (SurgeConfig) or call surge_nlp.binarize(model, config)"
-        )
     if scaling is None:
         scaling = query.size(-1) ** -0.5
+    if quantizers is None:
+        if not getattr(module, FULL_PRECISION_ATTENTION, False):
+            raise RuntimeError(
+                f"{type(module).__name__} runs the 'surge' attention implementation but has no `surge_attention` "
+                "quantizers; load the model through surge_nlp (SurgeConfig) or call surge_nlp.binarize(model, config)"
+            )
+        return full_precision_attention(module, query, key, value, attention_mask, scaling, dropout)
 
     quantized: list[torch.Tensor] = []  # the quantized map, returned as the attention weights
 
@@ -86,7 +88,8 @@ def surge_attention_forward(
         return probs
 
     if not module.training and not torch.is_grad_enabled():
-        return _exact_inference_attention(quantizers, query, key, value, attention_mask, scaling)
+        with torch.autocast(query.device.type, enabled=False):  # under bf16/fp16 autocast the integer sums would round
+            return _exact_inference_attention(quantizers, query, key, value, attention_mask, scaling)
     compensators = quantizers.compensators if quantizers.compensating() else None
     if compensators is not None:
         scores = compensated_matmul(query, key, quantizers.query, quantizers.key, compensators["query"],
@@ -103,6 +106,24 @@ def surge_attention_forward(
     else:
         output = torch.matmul(quantize_probs(probs), quantizers.value(value))
     return output.transpose(1, 2).contiguous(), quantized[0]
+
+
+# Set by the conversion on the attention modules the selection leaves out (modules_to_not_convert, filter_fn):
+# the model's attention implementation is one for all layers, and these layers keep full precision.
+FULL_PRECISION_ATTENTION = "surge_full_precision_attention"
+
+
+def full_precision_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transformers' eager attention (the "surge" mask is eager's additive float mask), for the
+    attention modules left in full precision."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
 def _is_masked(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -157,9 +157,12 @@ def ffn_output_names(model: nn.Module) -> set[str]:
     return {f"{layer}.{output}" for layer, _, output in family_of(model).ffn_parts(model)}
 
 
-def set_ffn_activation(model: nn.Module, activation: nn.Module) -> None:
-    """Put a fresh copy of `activation` (a parameter-free module) in every encoder layer's FFN."""
-    for layer_name, path, _ in family_of(model).ffn_parts(model):
+def set_ffn_activation(model: nn.Module, activation: nn.Module, only_before: set[str] | None = None) -> None:
+    """Put a fresh copy of `activation` (a parameter-free module) in every encoder layer's FFN, or
+    only in the FFNs whose output linear is named in `only_before`."""
+    for layer_name, path, output in family_of(model).ffn_parts(model):
+        if only_before is not None and f"{layer_name}.{output}" not in only_before:
+            continue
         parent_path, _, attribute = path.rpartition(".")
         parent = model.get_submodule(f"{layer_name}.{parent_path}" if parent_path else layer_name)
         setattr(parent, attribute, type(activation)())

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .attention import ATTENTION_IMPLEMENTATION, AttentionQuantizers, register_attention
+from .attention import ATTENTION_IMPLEMENTATION, FULL_PRECISION_ATTENTION, AttentionQuantizers, register_attention
 from .binarizers import ActivationQuantizer
 from .config import SurgeConfig
 from .families import family_of, ffn_output_names, model_type, set_ffn_activation, supported_model_types
@@ -109,15 +109,17 @@ def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to
     # Everything that can refuse the model is asked before the first module changes.
     family = family_of(model)
     attention_names = family.attention_names(model) if config.binarize_attention else []
-    post_relu = ffn_output_names(model) if config.ffn_activation == "relu" else set()
+    # BiT's ReLU goes where the FFN output linear is binarized (its input quantized unsigned); FFNs left
+    # in full precision keep the checkpoint's activation.
+    post_relu = ffn_output_names(model) & set(linear_names) if config.ffn_activation == "relu" else set()
     if config.aux_rank is not None:
         # The low-rank branch is cut from each weight's SVD: its rank cannot exceed the smaller side.
         smallest = min(min(linear.in_features, linear.out_features) for linear in map(model.get_submodule, linear_names))
         if config.aux_rank > smallest:
             raise ValueError(f"SurgeConfig.aux_rank={config.aux_rank} is invalid for this model; allowed values: None "
                              f"(full rank) or an integer from 1 to {smallest} (the smallest side of a binarized linear)")
-    if config.ffn_activation == "relu":
-        set_ffn_activation(model, nn.ReLU())
+    if post_relu:
+        set_ffn_activation(model, nn.ReLU(), only_before=post_relu)
     for name in linear_names:
         old = model.get_submodule(name)
         with torch.device("meta"):
@@ -132,19 +134,26 @@ def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to
         head_dim = text_config.hidden_size // num_heads
         for name in attention_names:
             attention = model.get_submodule(name)
-            if selected(attention, name):
-                device = next(attention.parameters()).device
-                compensator = config.estimator if config.compensate_attention else None
-                attention.surge_attention = AttentionQuantizers(
-                    num_heads, head_dim, config.activation_bits, config.binary_estimator, compensator=compensator, eta=config.eta,
-                    learn_probability_shift=config.attention_probability_shift == "learned",
-                    probability_scale=config.attention_probability_scale).to(device)
+            if not selected(attention, name):
+                setattr(attention, FULL_PRECISION_ATTENTION, True)  # one implementation for all layers: this one stays FP
+                continue
+            device = next(attention.parameters()).device
+            compensator = config.estimator if config.compensate_attention else None
+            attention.surge_attention = AttentionQuantizers(
+                num_heads, head_dim, config.activation_bits, config.binary_estimator, compensator=compensator, eta=config.eta,
+                learn_probability_shift=config.attention_probability_shift == "learned",
+                probability_scale=config.attention_probability_scale).to(device)
         model.set_attn_implementation(ATTENTION_IMPLEMENTATION)  # Transformers' hook; reaches every sub-config
 
     if config.embedding_bits == 1:
         name = _word_embedding_name(model)
-        if name is None or not selected(model.get_submodule(name), name):
-            raise ValueError("SurgeConfig.embedding_bits=1 but the model has no convertible word embedding (get_input_embeddings)")
+        if name is None:
+            raise ValueError("SurgeConfig.embedding_bits=1 but the model has no word embedding (get_input_embeddings)")
+        if not selected(model.get_submodule(name), name):
+            matching = [pattern for pattern in skip if not should_convert_module(name, [pattern])]
+            raise ValueError(f"SurgeConfig.embedding_bits=1 but the word embedding {name!r} is left out by "
+                             + (f"modules_to_not_convert entries {matching}" if matching else "the given filter_fn")
+                             + "; set embedding_bits=32 to keep it in full precision")
         old = model.get_submodule(name)
         with torch.device("meta"):
             new = SurgeEmbedding(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx, dtype=old.weight.dtype,

@@ -57,9 +57,11 @@ def _input_quantizer(activation_bits: int, estimator: str, base_estimator: str, 
 
 
 def exact_inference(module: nn.Module) -> bool:
-    """Whether a linear's forward runs the exact inference path: whenever no gradient is recorded
-    (evaluation, `pipeline`, calibration); the value is the autograd path's up to float rounding."""
-    return not torch.is_grad_enabled()
+    """Whether a linear's forward runs the exact inference path: in eval mode with no gradient recorded
+    (evaluation, `pipeline`, calibration); the value is the autograd path's up to float rounding. A
+    training-mode forward without gradients (reentrant gradient checkpointing's first pass) takes the
+    autograd path, as its recomputation will."""
+    return not module.training and not torch.is_grad_enabled()
 
 
 def exact_binary_linear(levels: torch.Tensor, signs: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor,
@@ -67,9 +69,10 @@ def exact_binary_linear(levels: torch.Tensor, signs: torch.Tensor, input_scale: 
     """`(input_scale * levels) @ (weight_scale * signs)^T + bias`, computed as the popcount kernels do:
     the integer dot product first (exact in float32 while the reduction is below 2^24), then
     `dot * input_scale * weight_scale + bias` in that order, so both paths give the same floats."""
-    dot = F.linear(levels.float(), signs.float())
-    out = dot * input_scale.float() * weight_scale.float()
-    return out + bias.float() if bias is not None else out
+    with torch.autocast(levels.device.type, enabled=False):  # under bf16/fp16 autocast the integer sums would round
+        dot = F.linear(levels.float(), signs.float())
+        out = dot * input_scale.float() * weight_scale.float()
+        return out + bias.float() if bias is not None else out
 
 
 class OneBitLinearBits:

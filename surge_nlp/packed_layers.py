@@ -83,7 +83,7 @@ class PackedSurgeLinear(OneBitLinearBits, nn.Linear):
         packed.weight_scale = scales.detach().clone()
         if layer.bias is not None:
             packed.bias.data = layer.bias.detach().clone()
-        return packed
+        return packed.train(layer.training)  # the same mode: eval mode is what selects the exact inference path
 
     # engine: SIMULATED until use_kernels() sets the kernel this layer runs on
     def reset_parameters(self) -> None:

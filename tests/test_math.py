@@ -274,3 +274,36 @@ def test_aux_rank_above_the_smallest_linear_is_refused_before_any_module_changes
         surge_nlp.binarize(model, SurgeConfig(estimator="surge", aux_rank=33))
     assert model.encoder.layer[0].attention.self.query is query  # nothing was swapped
     surge_nlp.binarize(model, SurgeConfig(estimator="surge", aux_rank=32))  # the largest allowed rank works
+
+
+# ---------------------------------------------------------------- the exact inference path
+
+
+def test_exact_inference_stays_exact_under_bf16_autocast():
+    # Accelerate evaluates under autocast: before, the integer dot products of 3072 inputs were summed in bf16
+    # (exact only up to 256), so the "exact" path no longer gave the kernels' floats.
+    torch.manual_seed(0)
+    layer = SurgeLinear.from_config(SurgeConfig(activation_bits=1), 3072, 8).eval()
+    # Inputs that agree in sign with weight rows 0-3 except for 37 entries: dot products of 2998, which bf16
+    # cannot hold (it rounds them to 3008).
+    centred = layer.weight.detach() - layer.weight.detach().mean(dim=1, keepdim=True)
+    x = centred[:4].clone()
+    x[:, :37] *= -1
+    with torch.no_grad():
+        layer(x)  # calibrates
+        expected = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual = layer(x)
+    assert torch.equal(actual.float(), expected)
+
+
+def test_a_training_mode_forward_without_gradients_takes_the_autograd_path():
+    # Reentrant gradient checkpointing runs each block once without gradients, then again with them: both
+    # passes must compute the same values, so only eval mode without gradients is the exact inference path.
+    from surge_nlp.layers import exact_inference
+
+    layer = SurgeLinear.from_config(SurgeConfig(activation_bits=1), 16, 4)
+    with torch.no_grad():
+        assert not exact_inference(layer.train())
+        assert exact_inference(layer.eval())
+    assert not exact_inference(layer)  # gradients recorded

@@ -78,7 +78,8 @@ def test_binarize_filter_fn_selects_apart_from_modules_to_not_convert(tiny_bert)
         return ".layer.1." in name and not name.endswith(".value")
 
     cfg = SurgeConfig(embedding_bits=1, modules_to_not_convert=["classifier", "pooler", "intermediate"])
-    with pytest.raises(ValueError, match="no convertible word embedding"):  # the filter also decides the embedding
+    with pytest.raises(ValueError, match=r"word embedding 'bert.embeddings.word_embeddings' is left out by modules_to_not_convert "
+                                         r"entries \['embeddings\\\\.word_embeddings\$'\]"):  # the filter also decides the embedding
         surge_nlp.binarize(AutoModelForSequenceClassification.from_pretrained(tiny_bert), cfg, filter_fn=only_layer_1_but_not_its_value)
     cfg = SurgeConfig(modules_to_not_convert=["classifier", "pooler", "intermediate"])
     model = surge_nlp.binarize(AutoModelForSequenceClassification.from_pretrained(tiny_bert), cfg, filter_fn=only_layer_1_but_not_its_value)
@@ -94,6 +95,82 @@ def test_binarize_filter_fn_selects_apart_from_modules_to_not_convert(tiny_bert)
     assert model.quantization_method == "surge" and model.config._attn_implementation == "surge"
     with pytest.raises(TypeError, match=r"filter_fn=\.\.\.\) must be a callable"):
         surge_nlp.binarize(AutoModelForSequenceClassification.from_pretrained(tiny_bert), cfg, filter_fn="layer.1")
+
+
+def test_a_model_with_attention_left_in_full_precision_runs_it_as_eager_attention(tiny_bert):
+    # Before: the "surge" implementation is one for all layers, and a layer left out (modules_to_not_convert,
+    # filter_fn; the binarize docstring's own example) raised on the first forward.
+    import copy
+
+    fp = AutoModelForSequenceClassification.from_pretrained(tiny_bert, attn_implementation="eager").eval()
+    cfg = SurgeConfig(modules_to_not_convert=["classifier", "pooler", "encoder.layer.0"])
+    model = surge_nlp.binarize(copy.deepcopy(fp), cfg).eval()
+    assert not hasattr(model.bert.encoder.layer[0].attention.self, "surge_attention")
+    batch = {"input_ids": torch.randint(3, 100, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    batch["attention_mask"][1, 5:] = 0
+    captured = {}
+
+    def keep_output(name):
+        return lambda module, inputs, output: captured.__setitem__(name, output[0] if isinstance(output, tuple) else output)
+
+    fp.bert.encoder.layer[0].register_forward_hook(keep_output("fp"))
+    model.bert.encoder.layer[0].register_forward_hook(keep_output("surge"))
+    for grad in (False, True):  # the exact inference path and the autograd path
+        with torch.set_grad_enabled(grad):
+            fp(**batch), model(**batch)
+        # Layer 0 is all full precision: the same output as Transformers' eager attention.
+        torch.testing.assert_close(captured["surge"], captured["fp"], rtol=1e-5, atol=1e-5)
+    # An attention module that should have quantizers and has none is still an error, not silent FP.
+    del model.bert.encoder.layer[1].attention.self.surge_attention
+    with pytest.raises(RuntimeError, match="has no `surge_attention` quantizers"):
+        model(**batch)
+
+
+@pytest.mark.parametrize("checkpoint_format", ["packed", "training"])
+def test_a_model_binarized_with_a_filter_saves_and_reloads_as_it_was(tiny_bert, tmp_path, checkpoint_format):
+    # Before: config.json held modules_to_not_convert only, so from_pretrained converted what the filter had
+    # kept in full precision, and refused the checkpoint with a misleading error.
+    cfg = SurgeConfig(binarize_attention=False, checkpoint_format=checkpoint_format)
+    model = surge_nlp.binarize(AutoModelForSequenceClassification.from_pretrained(tiny_bert), cfg,
+                               filter_fn=lambda module, name: ".layer.0." not in f".{name}.").eval()
+    batch = {"input_ids": torch.randint(3, 100, (2, 7))}
+    surge_nlp.calibrate(model, batch)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    def kinds(m):  # which modules are binarized (SurgeLinear, or PackedSurgeLinear once reloaded packed)
+        return {name: "binary" if hasattr(module, "weight_bits") else "fp" for name, module in m.named_modules()
+                if "encoder.layer" in name and (isinstance(module, nn.Linear) or hasattr(module, "weight_bits"))}
+
+    assert kinds(again) == kinds(model) and type(again.bert.encoder.layer[0].output.dense) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, expected)
+    assert cfg.modules_to_not_convert == SurgeConfig().modules_to_not_convert  # the caller's config is not changed
+
+
+def test_binarize_keeps_the_callers_config_apart_from_the_models():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def tiny():
+        return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                        intermediate_size=64, vocab_size=100))
+
+    cfg = SurgeConfig()
+    first = surge_nlp.binarize(tiny(), cfg)
+    surge_nlp.set_checkpoint_format(first, "training")  # before: written into the caller's object, so the next model too
+    second = surge_nlp.binarize(tiny(), cfg)
+    assert cfg.checkpoint_format == "packed" and second.config.quantization_config.checkpoint_format == "packed"
+    assert first.config.quantization_config is not cfg and second.config.quantization_config is not cfg
+
+
+def test_relu_ffn_goes_only_where_the_ffn_output_linear_is_binarized(tiny_bert):
+    # Before: every layer's GELU became ReLU, also in layers kept in full precision.
+    cfg = SurgeConfig(ffn_activation="relu", modules_to_not_convert=["classifier", "pooler", "encoder.layer.0"])
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, quantization_config=cfg)
+    assert type(model.bert.encoder.layer[0].intermediate.intermediate_act_fn) is not nn.ReLU
+    assert type(model.bert.encoder.layer[1].intermediate.intermediate_act_fn) is nn.ReLU
+    assert not model.bert.encoder.layer[1].output.dense.input_quantizer.signed
 
 
 def test_binarize_in_memory_matches_from_pretrained(tiny_bert):
