@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import stat
 
 import pytest
 import torch
@@ -677,6 +678,17 @@ def test_compiler_without_openmp_still_builds_single_threaded_kernels(monkeypatc
     assert threaded != path and "omp_" in threaded.read_bytes().decode("latin-1")
 
 
+def _assert_unavailable_while_patched(monkeypatch, reason: str) -> None:
+    """Under the test's patches the kernels are unavailable for `reason` (the simulated path runs); undone, they load."""
+    ops.reset()
+    try:
+        assert not ops.available() and reason in ops.unavailable_reason()
+    finally:
+        monkeypatch.undo()
+        ops.reset()
+    assert ops.available()
+
+
 def test_an_unwritable_kernel_cache_is_a_build_error_and_the_simulated_path_runs(monkeypatch, tmp_path):
     # Before: a plain OSError escaped ops.available() and deploy crashed (a read-only home, a file in the way).
     from surge_nlp.kernels import build
@@ -685,13 +697,66 @@ def test_an_unwritable_kernel_cache_is_a_build_error_and_the_simulated_path_runs
     monkeypatch.setenv("SURGE_NLP_KERNEL_CACHE", str(tmp_path / "a-file" / "cache"))
     with pytest.raises(build.KernelBuildError, match="cannot write the kernel cache .*SURGE_NLP_KERNEL_CACHE"):
         build.build_library()
-    ops.reset()
+    _assert_unavailable_while_patched(monkeypatch, "cannot write the kernel cache")
+
+
+def test_who_may_supply_the_kernel_library():
+    # Loading the library runs its code as this user: another user's file, or one others can write, is refused.
+    from surge_nlp.kernels.build import untrusted_reason
+
+    me, other, file = 1000, 1001, stat.S_IFREG
+    assert untrusted_reason(file | 0o755, me, me) is None
+    assert untrusted_reason(file | 0o755, 0, me) is None  # root's (a system-wide cache)
+    assert untrusted_reason(file | 0o755, other, me) == "owned by another user (uid 1001)"
+    assert untrusted_reason(file | 0o775, me, me) == "writable by other users (-rwxrwxr-x)"
+    assert untrusted_reason(file | 0o757, me, me) == "writable by other users (-rwxr-xrwx)"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_an_untrusted_cached_library_is_built_again_and_never_loaded(monkeypatch, tmp_path):
+    from surge_nlp.kernels import build
+
+    monkeypatch.setenv("SURGE_NLP_KERNEL_CACHE", str(tmp_path / "cache"))
+    old_umask = os.umask(0o002)  # a user-private-group umask: the group must still not write our build
     try:
-        assert not ops.available() and "cannot write the kernel cache" in ops.unavailable_reason()
+        path = build.build_library()
     finally:
-        monkeypatch.undo()
-        ops.reset()
-    assert ops.available()
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755 and build.load_library() is not None
+    # A cached file that others could have written is replaced by a fresh build, not loaded.
+    path.unlink()  # a new file (writing into the loaded one in place would crash this process: it is mapped)
+    path.write_bytes(b"someone else's code")
+    path.chmod(0o777)
+    assert build.build_library() == path and stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert build.load_library().surge_interface().decode() == build.INTERFACE.text
+    # Where it cannot be replaced, loading refuses it, and the simulated path runs.
+    path.chmod(0o775)
+    monkeypatch.setattr(build, "build_library", lambda: path)
+    with pytest.raises(build.KernelBuildError, match=rf"{path.name} is writable by other users \(-rwxrwxr-x\).*KERNEL_CACHE"):
+        build.load_library()
+    _assert_unavailable_while_patched(monkeypatch, "writable by other users")
+
+
+def test_the_kernel_cache_keeps_the_most_recently_used_builds(monkeypatch, tmp_path):
+    # Every checkout and source version has its own build; before, none was ever removed.
+    from surge_nlp.kernels import build
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = [cache / f"surge_kernels-{index:016x}.so" for index in range(build.KEEP_BUILDS + 3)]
+    for age, old in enumerate(stale):
+        old.write_bytes(b"an older build")
+        os.utime(old, (1e9 - age, 1e9 - age))  # stale[0] the most recently used
+    (cache / "notes.txt").write_text("not a build")
+    monkeypatch.setenv("SURGE_NLP_KERNEL_CACHE", str(cache))
+    built = build.build_library()
+    kept = set(cache.glob("surge_kernels-*.so"))
+    assert kept == {built, *stale[: build.KEEP_BUILDS - 1]}
+    assert (cache / "notes.txt").exists()
+    # Loading marks a build as used: it outlives builds made before it was loaded.
+    os.utime(built, (1.0, 1.0))
+    build.load_library()
+    assert built.stat().st_mtime > 1e9
 
 
 def test_the_kernel_cache_key_names_the_machine(monkeypatch, tmp_path):
