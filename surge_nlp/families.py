@@ -165,7 +165,7 @@ def set_ffn_activation(model: nn.Module, activation: nn.Module, only_before: set
             continue
         parent_path, _, attribute = path.rpartition(".")
         parent = model.get_submodule(f"{layer_name}.{parent_path}" if parent_path else layer_name)
-        setattr(parent, attribute, type(activation)())
+        setattr(parent, attribute, type(activation)().train(parent.training))
 
 
 def _get(module: nn.Module, path: str) -> object | None:

@@ -69,10 +69,13 @@ def _materialize_like(old: nn.Module, new: nn.Module) -> nn.Module:
     """Put `new` (built on meta) on `old`'s device; off meta, carry old's weights over and reset
     the SURGE state from them. On meta (from_pretrained) the quantizer does this after loading."""
     device = old.weight.device
-    new = new.to_empty(device=device)
+    new = new.to_empty(device=device).train(old.training)  # a fresh module is in training mode; keep the model's
     if device.type != "meta":
-        with torch.no_grad():
-            new.load_state_dict(old.state_dict(), strict=False)
+        if isinstance(new, SurgeEmbedding):
+            new.weight = old.weight  # the same parameter: an MLM decoder tied to it stays tied, as from_pretrained ties it
+        else:
+            with torch.no_grad():
+                new.load_state_dict(old.state_dict(), strict=False)
         if isinstance(new, SurgeLinear):
             new.reset_surge_state()
     return new
@@ -142,7 +145,7 @@ def replace_with_surge_modules(model: nn.Module, config: SurgeConfig, modules_to
             attention.surge_attention = AttentionQuantizers(
                 num_heads, head_dim, config.activation_bits, config.binary_estimator, compensator=compensator, eta=config.eta,
                 learn_probability_shift=config.attention_probability_shift == "learned",
-                probability_scale=config.attention_probability_scale).to(device)
+                probability_scale=config.attention_probability_scale).to(device).train(attention.training)
         model.set_attn_implementation(ATTENTION_IMPLEMENTATION)  # Transformers' hook; reaches every sub-config
 
     if config.embedding_bits == 1:

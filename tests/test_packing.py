@@ -198,6 +198,24 @@ def test_one_bit_embeddings_tied_to_an_output_layer_cannot_be_packed(tmp_path):
     assert _max_difference(_outputs(reloaded, batch), expected) <= 1e-5
 
 
+def test_binarize_keeps_a_tied_output_layer_tied_as_from_pretrained_does(tmp_path):
+    # Before: binarize gave the 1-bit embedding a copy of the weights, and the MLM decoder kept the old
+    # parameter, so it no longer trained with the embedding (from_pretrained's model ties them).
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(tiny_config(**NO_DROPOUT)).save_pretrained(tmp_path)
+    config = SurgeConfig(embedding_bits=1)
+    binarized = surge_nlp.binarize(transformers.BertForMaskedLM.from_pretrained(tmp_path), config)
+    loaded = surge_nlp.from_pretrained(tmp_path, config, auto_class=transformers.AutoModelForMaskedLM)
+    batch = {key: value for key, value in fixed_batch().items() if key != "labels"}
+    for model in (binarized, loaded):
+        assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        model(**batch).logits.square().mean().backward()  # also calibrates the activation quantizers
+        optimizer.step()
+    assert _max_difference(_outputs(binarized.eval(), batch), _outputs(loaded.eval(), batch)) <= 1e-6
+
+
 def test_pooler_is_binarized_only_when_removed_from_modules_to_not_convert(tmp_path):
     default = _binarized()
     assert not isinstance(default.bert.pooler.dense, SurgeLinear)

@@ -187,6 +187,19 @@ def test_binarize_in_memory_matches_from_pretrained(tiny_bert):
         surge_nlp.binarize(AutoModelForSequenceClassification.from_pretrained(tiny_bert), {"activation_bits": 1})
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_binarize_keeps_the_models_mode(tiny_bert, training):
+    # Before: the swapped-in layers came in training mode inside an eval model (from_pretrained gives one),
+    # so evaluating without another .eval() ran the training path (SURGE's auxiliary branch included).
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert).train(training)
+    cfg = SurgeConfig(embedding_bits=1, ffn_activation="relu")
+    model = surge_nlp.binarize(model, cfg)
+    modes = {name: module.training for name, module in model.named_modules()}
+    assert set(modes.values()) == {training}, [name for name, mode in modes.items() if mode != training]
+    assert any(isinstance(module, SurgeEmbedding) for module in model.modules())
+    assert any(isinstance(module, nn.ReLU) for module in model.modules())
+
+
 def test_one_bit_embeddings(tiny_bert):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, quantization_config=SurgeConfig(embedding_bits=1))
     emb = model.bert.embeddings.word_embeddings
