@@ -186,11 +186,27 @@ def _load_for_task(path: str, task: str):
     return model, AutoTokenizer.from_pretrained(resolve_model(path))
 
 
+def _eval_length(args: argparse.Namespace, model, tokenizer) -> int:
+    """--max-seq-length, else the length the model was trained at: its tokenizer's model_max_length (which the
+    pipeline saves beside a student) where that is below the task's default, else the task's default."""
+    from .glue import get_task
+
+    if args.max_seq_length is None:
+        return min(get_task(args.task).max_seq_length, tokenizer.model_max_length)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and args.max_seq_length > positions:
+        raise ValueError(f"--max-seq-length {args.max_seq_length} is invalid; allowed values: 1 to the model's "
+                         f"max_position_embeddings ({positions})")
+    tokenizer.model_max_length = max(tokenizer.model_max_length, args.max_seq_length)  # a trained length, not the model's limit
+    return args.max_seq_length
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .glue import agreement, load_glue, metrics_of, predictions_by_split
 
     model, tokenizer = _load_for_task(args.model, args.task)
-    data = load_glue(args.task, tokenizer, dataset=args.dataset, max_eval_samples=args.max_eval_samples, splits=("validation",))
+    data = load_glue(args.task, tokenizer, dataset=args.dataset, max_seq_length=_eval_length(args, model, tokenizer),
+                     max_eval_samples=args.max_eval_samples, splits=("validation",))
     simulated = predictions_by_split(args.task, model, data, tokenizer, args.batch_size)
     metrics = metrics_of(args.task, simulated, data)
     if args.deploy:
@@ -209,7 +225,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .glue import load_glue, predict_to_submission
 
     model, tokenizer = _load_for_task(args.model, args.task)
-    data = load_glue(args.task, tokenizer, dataset=args.dataset, max_eval_samples=args.max_eval_samples, splits=("test",))
+    data = load_glue(args.task, tokenizer, dataset=args.dataset, max_seq_length=_eval_length(args, model, tokenizer),
+                     max_eval_samples=args.max_eval_samples, splits=("test",))
     for path in predict_to_submission(args.task, model, data, tokenizer, args.output, batch_size=args.batch_size):
         print(path)
     if args.max_eval_samples is not None:
@@ -285,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dataset", help="GLUE dataset: Hub id or local mirror")
         p.add_argument("--max-eval-samples", type=int)
         p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--max-seq-length", type=_positive_int, help="tokens per input after truncation (default: the length the "
+                       "model was trained at, as its tokenizer's model_max_length says, at most the task's default: "
+                       "64 CoLA/SST-2, 128 otherwise)")
         if name == "evaluate":
             p.add_argument("--deploy", action="store_true",
                            help="also evaluate surge_nlp.deploy(model) on the binary kernels; prints both")

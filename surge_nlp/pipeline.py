@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -91,6 +92,20 @@ def _save_atomically(model: nn.Module, directory: Path, tokenizer: PreTrainedTok
         model.save_pretrained(temporary)
         if tokenizer is not None:
             tokenizer.save_pretrained(temporary)
+
+
+def sequence_length(recipe: Recipe) -> int:
+    """The length the recipe's models train at: its `max_seq_length`, else the task's."""
+    return recipe.max_seq_length or get_task(recipe.task).max_seq_length
+
+
+def with_trained_length(tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> PreTrainedTokenizerBase:
+    """A copy of `tokenizer` whose `model_max_length` is the length the student was trained at, as it is
+    saved beside the student: `tokenizer(..., truncation=True)` then cuts where training did, and
+    `surge-nlp evaluate`/`predict` evaluate at it."""
+    shipped = copy.deepcopy(tokenizer)
+    shipped.model_max_length = max_seq_length
+    return shipped
 
 
 def _save_with_json(model: nn.Module, directory: Path, json_name: str, info: dict[str, Any],
@@ -309,7 +324,7 @@ def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, 
         # Each added task is capped as the task's own training set is (`max_train_samples`), so a
         # bounded profile stays bounded (QNLI alone has 105k pairs).
         others = [load_glue(name, tokenizer, dataset=recipe.dataset, splits=("train",),
-                            max_seq_length=recipe.max_seq_length or data.task.max_seq_length,
+                            max_seq_length=sequence_length(recipe),
                             max_train_samples=recipe.max_train_samples).train
                   for name in recipe.augmentation.other_tasks]
         data = dataclasses.replace(data, train=recipe.augmentation.apply(data.train, tokenizer.all_special_ids, others))
@@ -355,7 +370,7 @@ def ship_student(recipe: Recipe, student: nn.Module, tokenizer: PreTrainedTokeni
     Under `accelerate launch` the main process alone measures (processes timed side by side would
     slow each other), and the others read its numbers back."""
     set_checkpoint_format(student, "packed")
-    write_once(lambda: _save_atomically(student, output_dir / "student", tokenizer))
+    write_once(lambda: _save_atomically(student, output_dir / "student", with_trained_length(tokenizer, sequence_length(recipe))))
     report = summary(student, print_fn=None)
     results_path = output_dir / "results.json"
 
@@ -397,7 +412,7 @@ def run_glue(recipe: Recipe, output_dir: str | Path, teacher_path: str | None = 
         metrics = next(iter(result.student["metrics"].values()))
         speedup = (result.shipped.get("speed") or {}).get("speedup")
         write_once(lambda: push(student, push_to_hub, metrics=metrics, task=recipe.task, base_model=recipe.model, speedup=speedup,
-                                tokenizer=tokenizer))
+                                tokenizer=with_trained_length(tokenizer, sequence_length(recipe))))
     return result
 
 

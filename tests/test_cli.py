@@ -76,6 +76,38 @@ def test_predict_writes_a_glue_submission(rte_run, capsys, tmp_path):
     assert {line.split("\t")[1] for line in lines[1:]} <= {"entailment", "not_entailment"}
 
 
+def test_evaluate_and_predict_cut_where_the_student_was_trained(tmp_path, tiny_base, capsys, monkeypatch):
+    # Before: they cut every input at the task's default (128 for RTE) whatever length the student trained
+    # at (the cpu profile trains at 64), so `evaluate` did not reproduce results.json and `predict`
+    # submitted inputs the student never saw.
+    import surge_nlp.glue
+    from transformers import AutoTokenizer
+
+    recipe = write_recipe(tmp_path / "rte.yaml", "rte", tiny_base, max_seq_length=16)
+    assert main(["glue", "rte", "--recipe", str(recipe), "--output", str(tmp_path / "out")]) == 0
+    student = tmp_path / "out" / "student"
+    assert AutoTokenizer.from_pretrained(student).model_max_length == 16  # saved beside the student
+    lengths = []
+    load_glue = surge_nlp.glue.load_glue
+
+    def spy(*args, **kwargs):
+        lengths.append(kwargs.get("max_seq_length"))
+        return load_glue(*args, **kwargs)
+
+    monkeypatch.setattr(surge_nlp.glue, "load_glue", spy)
+    capsys.readouterr()
+    code, stdout, _ = run(capsys, "evaluate", student, "--task", "rte", "--max-eval-samples", 24)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert code == 0 and json.loads(stdout) == results["shipped"]["packed"]
+    assert run(capsys, "predict", student, "--task", "rte", "--max-eval-samples", 4, "--output", tmp_path / "sub")[0] == 0
+    # Longer on request, up to the model's positions; the teacher (saved as before) keeps the task's default.
+    assert run(capsys, "evaluate", student, "--task", "rte", "--max-eval-samples", 4, "--max-seq-length", 48)[0] == 0
+    assert run(capsys, "evaluate", tmp_path / "out" / "teacher", "--task", "rte", "--max-eval-samples", 4)[0] == 0
+    assert lengths == [16, 16, 48, 128]
+    code, _, err = run(capsys, "evaluate", student, "--task", "rte", "--max-seq-length", 129)
+    assert code == 2 and "--max-seq-length 129 is invalid; allowed values: 1 to the model's max_position_embeddings (128)" in err
+
+
 def test_summary_command(rte_run, capsys):
     out, _ = rte_run
     code, stdout, _ = run(capsys, "summary", out / "student")
