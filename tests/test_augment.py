@@ -105,6 +105,23 @@ def test_other_tasks_inputs_follow_the_copies_with_a_placeholder_label():
         only_others.apply(train, SPECIAL, [other.remove_columns("token_type_ids")])
 
 
+def test_other_tasks_inputs_the_student_is_scored_on_are_dropped(caplog):
+    # GLUE tasks share sentences (MRPC's training pairs hold 229 of STS-B's dev and test pairs): an added
+    # input equal to one the student is scored on, in either sentence order, must not be distilled on.
+    train, other = pairs(30, seed=0), pairs(20, seed=1)
+    same = other[3]["input_ids"]
+    first_end = same.index(102)
+    swapped = [101, *same[first_end + 1:-1], 102, *same[1:first_end], 102]
+    held_out = [same, swapped[:], other[5]["input_ids"][:-1] + [0, 0], [101, 1049, 102]]  # padding is no sentence
+    other = other.map(lambda row, i: {"input_ids": swapped} if i == 7 else row, with_indices=True)
+    with caplog.at_level("WARNING", logger="surge_nlp.glue.augment"):
+        augmented = Augmentation(other_tasks=("mrpc",)).apply(train, SPECIAL, [other], held_out=held_out)
+    kept = [row for row in range(20) if row not in (3, 5, 7)]
+    assert augmented["input_ids"][30:] == [other[row]["input_ids"] for row in kept]
+    assert augmented[:30] == train[:]  # the task's own training set is never filtered
+    assert "3 of 20 mrpc inputs dropped" in caplog.text
+
+
 def test_recipes_take_other_tasks_with_the_same_input_only():
     recipe = load_recipe("stsb", profiles=["cpu-full"], overrides={"augmentation": {"other_tasks": ["mrpc", "rte"]}})
     assert recipe.augmentation.other_tasks == ("mrpc", "rte")
@@ -148,6 +165,23 @@ def test_the_pipeline_distils_on_the_augmented_set(tmp_path, tiny_base, glue_mir
     stage = results["stages"][0]
     assert stage["train_examples"] == 48 and stage["steps"] == 6  # 16 originals + 2 copies, batch 8
     assert json.loads(teacher_log[-1])["step"] == 2  # the teacher fine-tunes on the 16 originals only
+
+
+def test_the_pipeline_drops_other_tasks_inputs_that_are_dev_or_test_inputs(tmp_path, tiny_base, glue_mirror, monkeypatch):
+    from surge_nlp.cli import main
+
+    monkeypatch.setenv("SURGE_NLP_GLUE_DATASET", str(glue_mirror))
+    recipe = {"task": "stsb", "model": str(tiny_base), "max_train_samples": 16, "max_eval_samples": 8, "max_seq_length": 32,
+              "augmentation": {"other_tasks": ["mrpc"]},
+              "teacher": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8, "ground_truth_weight": 1.0,
+                          "logits_weight": 0.0, "hidden_weight": 0.0},
+              "distill": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8, "max_steps": 1},
+              "stages": [{"name": "w1a1", "quantization": {"estimator": "clipped_ste"}}]}
+    (tmp_path / "stsb.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["-q", "glue", "stsb", "--recipe", str(tmp_path / "stsb.yaml"), "--output", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    # MRPC's training pair 1 is one of STS-B's dev or test pairs (the only one among its first 16).
+    assert results["stages"][0]["train_examples"] == 16 + 15
 
 
 def test_the_pipeline_distils_on_other_tasks_inputs_too(tmp_path, tiny_base, glue_mirror, monkeypatch):

@@ -18,7 +18,10 @@ Two sources, which combine:
   kind, which the teacher scores as it would the task's own (a transfer set). Their labels belong
   to another task and are not kept: the `labels` column holds a placeholder that is never read.
   The pipeline loads and tokenizes them (`surge_nlp.glue.load_glue`; each capped at the recipe's
-  `max_train_samples`, as the task's own set is) and passes them to `apply`.
+  `max_train_samples`, as the task's own set is) and passes them to `apply`, with the task's own
+  validation and test inputs as `held_out`: GLUE tasks share source sentences (110 of STS-B's 1,500
+  dev pairs are MRPC training pairs), and an added input that is one the student is scored on (the
+  same sentences, in either order) is dropped, so no dev or test input is distilled on.
 
 Example:
     >>> import datasets
@@ -31,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -43,6 +47,7 @@ from .tasks import GLUE_TASKS
 from .sections import check_int, from_section, invalid
 
 INPUT_IDS = "input_ids"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,16 +93,27 @@ class Augmentation:
         return self.copies > 0 or bool(self.other_tasks)
 
     def apply(self, train: datasets.Dataset, special_ids: Iterable[int],
-              others: Iterable[datasets.Dataset] = ()) -> datasets.Dataset:
+              others: Iterable[datasets.Dataset] = (), held_out: Iterable[Iterable[int]] = ()) -> datasets.Dataset:
         """`train`, then `copies` perturbed copies of it, then `others` (the tokenized training sets of
-        `other_tasks`, in that order) with a placeholder label; `train` itself when disabled."""
+        `other_tasks`, in that order) with a placeholder label, less their rows whose input is one of
+        `held_out` (input_ids of the rows the student is scored on; the same sentences in either order
+        match); `train` itself when disabled."""
         others = list(others)
         if len(others) != len(self.other_tasks):
             raise ValueError(f"augmentation.apply: {len(others)} other training sets for other_tasks={list(self.other_tasks)}")
         if not self.enabled:
             return train
+        special = frozenset(special_ids)
+        scored = {_sentences(ids, special) for ids in held_out}
+        kept = []
+        for task, other in zip(self.other_tasks, others):
+            clean = [row for row, ids in enumerate(other[INPUT_IDS]) if _sentences(ids, special) not in scored]
+            if len(clean) < len(other):
+                logger.warning("augmentation.other_tasks: %d of %d %s inputs dropped: the student is scored on them "
+                               "(the task's validation or test inputs)", len(other) - len(clean), len(other), task)
+            kept.append(other.select(clean))
         return datasets.concatenate_datasets([train, *self._copies(train, special_ids),
-                                              *(_unlabelled_like(train, other) for other in others)])
+                                              *(_unlabelled_like(train, other) for other in kept)])
 
     def _copies(self, train: datasets.Dataset, special_ids: Iterable[int]) -> list[datasets.Dataset]:
         if not self.copies:
@@ -124,6 +140,22 @@ class Augmentation:
 
 
 LABELS = "labels"
+
+
+def _sentences(input_ids: Iterable[int], special: frozenset[int]) -> tuple[tuple[int, ...], ...]:
+    """An input as its sentences (the runs between special tokens), in a fixed order: a pair matches the
+    same pair in the other order, whatever the model's [CLS]/[SEP] layout."""
+    sentences, current = [], []
+    for token in input_ids:
+        if token in special:
+            if current:
+                sentences.append(tuple(current))
+            current = []
+        else:
+            current.append(token)
+    if current:
+        sentences.append(tuple(current))
+    return tuple(sorted(sentences))
 
 
 def _unlabelled_like(train: datasets.Dataset, other: datasets.Dataset) -> datasets.Dataset:
