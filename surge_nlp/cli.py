@@ -235,12 +235,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    from transformers import AutoModel
+    import transformers
 
     from .models import resolve_model
     from .summary import summary
 
-    summary(AutoModel.from_pretrained(resolve_model(args.model)), seq_len=args.seq_len)
+    path = resolve_model(args.model)
+    # The checkpoint's own class (its classifier counts, and nothing is reported as unexpected), else AutoModel.
+    architectures = getattr(transformers.AutoConfig.from_pretrained(path), "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    summary((model_class or transformers.AutoModel).from_pretrained(path), seq_len=args.seq_len)
 
 
 def _shipped_profiles() -> list[str]:

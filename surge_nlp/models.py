@@ -31,6 +31,10 @@ def resolve_model(name: str) -> str:
     installed package ships (so the CPU profile runs offline); the Hub is used otherwise."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).expanduser().exists():
+        # A path, not a Hub id ("name" or "org/name"): say so, not the Hub's "Repo id must be in the form ..."
+        raise FileNotFoundError(f"{name}: no such model folder" if not Path(name).expanduser().exists()
+                                else f"{name} is a file; a model is a folder (config.json, weights, tokenizer)")
     package = OFFLINE_MODEL_PACKAGES.get(name)
     if package is not None:
         try:

@@ -108,6 +108,29 @@ def test_evaluate_and_predict_cut_where_the_student_was_trained(tmp_path, tiny_b
     assert code == 2 and "--max-seq-length 129 is invalid; allowed values: 1 to the model's max_position_embeddings (128)" in err
 
 
+def test_summary_loads_the_checkpoints_own_class_and_names_a_missing_folder(rte_run, capsys, monkeypatch, tmp_path):
+    # Before: AutoModel dropped the classifier (reported UNEXPECTED), so the totals differed from the
+    # summary glue prints; a missing folder got the Hub's "Repo id must be in the form ..." message.
+    import importlib
+
+    module = importlib.import_module("surge_nlp.summary")  # the package's `summary` attribute is the function
+    out, _ = rte_run
+    summarized, summary = [], module.summary
+    monkeypatch.setattr(module, "summary", lambda model, **kw: summarized.append(model) or summary(model, **kw))
+    code, stdout, err = run(capsys, "summary", out / "student")
+    assert code == 0 and type(summarized[0]).__name__ == "BertForSequenceClassification"
+    assert "UNEXPECTED" not in stdout + err
+    results = json.loads((out / "results.json").read_text())
+    totals = summary(summarized[0], print_fn=None).totals
+    assert totals["params_32bit"] == results["summary"]["params_32bit"]
+    for missing in (tmp_path / "no-such-model", "runs/rte/no-such-student"):
+        code, _, err = run(capsys, "summary", missing)
+        assert code == 2 and f"{missing}: no such model folder" in err
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run(capsys, "evaluate", tmp_path / "a-file", "--task", "rte")
+    assert code == 2 and "is a file; a model is a folder" in err
+
+
 def test_summary_command(rte_run, capsys):
     out, _ = rte_run
     code, stdout, _ = run(capsys, "summary", out / "student")

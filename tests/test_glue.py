@@ -498,6 +498,34 @@ def test_predict_errors(tokenizer, mnli_mirror, tmp_path):
         predict_to_submission("mnli", model, data, tokenizer, tmp_path, batch_size=4)
 
 
+def test_an_interrupted_mnli_prediction_writes_no_file(tokenizer, mnli_mirror, tmp_path):
+    # Before: each file was written after its own split, so a failure on AX left new MNLI-m/-mm files
+    # beside an older model's AX.tsv.
+    data = load_glue("mnli", tokenizer, str(mnli_mirror), splits=("test",), cache_dir=str(tmp_path / "cache"))
+    model = tiny_classifier(tokenizer, 3)
+    forward, calls = model.forward, []
+
+    def fails_on_the_last_split(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 4:  # batches of 2: 2 (matched) + 2 (mismatched), then AX
+            raise RuntimeError("out of memory")
+        return forward(*args, **kwargs)
+
+    model.forward = fails_on_the_last_split
+    with pytest.raises(RuntimeError, match="out of memory"):
+        predict_to_submission("mnli", model, data, tokenizer, tmp_path / "out", batch_size=2)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_empty_splits_and_non_finite_scores_are_clear_errors(tokenizer, tmp_path):
+    model = tiny_classifier(tokenizer, 2)
+    empty = datasets.Dataset.from_dict({"input_ids": [], "attention_mask": []})
+    with pytest.raises(ValueError, match="GLUE rte: the split to predict has no rows"):
+        predict("rte", model, empty, tokenizer, batch_size=4)
+    with pytest.raises(ValueError, match=r"stsb: 2 of 3 predicted scores are not finite .*no submission written"):
+        format_predictions("stsb", np.array([1.0, np.nan, np.inf], dtype=np.float32))
+
+
 def test_the_expected_fresh_head_is_loaded_without_a_load_report(tmp_path, caplog):
     import logging
 

@@ -48,6 +48,8 @@ def predict(
         array([0, 1, 1, ...])
     """
     task = get_task(task)
+    if len(dataset) == 0:
+        raise ValueError(f"GLUE {task.name}: the split to predict has no rows")
     # Labels stay out of the forward pass: test splits have none, and no loss is needed here.
     if MODEL_LABEL_COLUMN in dataset.column_names:
         dataset = dataset.remove_columns(MODEL_LABEL_COLUMN)
@@ -121,7 +123,11 @@ def format_predictions(task: str | GlueTask, predictions: Sequence[float] | np.n
     """
     task = get_task(task)
     if task.is_regression:
-        return [f"{float(score):.6f}" for score in predictions]
+        scores = np.asarray(predictions, dtype=np.float64)
+        if not np.isfinite(scores).all():  # the server refuses "nan": say so here, not after an upload
+            raise ValueError(f"GLUE {task.name}: {int((~np.isfinite(scores)).sum())} of {len(scores)} predicted scores "
+                             "are not finite (NaN or infinite); the model is broken, no submission written")
+        return [f"{score:.6f}" for score in scores]
     return [task.submission_labels[int(label)] for label in predictions]
 
 
@@ -171,12 +177,11 @@ def predict_to_submission(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     files = task.submission_files
-    written = []
-    for name, split in data.test.items():
-        predictions = predict(task, model, split, tokenizer, batch_size)
-        written.append(write_submission(output_dir / files[name], list(split[INDEX_COLUMN]),
-                                        format_predictions(task, predictions)))
-    return written
+    # Every split predicted before any file is written: an interrupted MNLI run never leaves new
+    # MNLI-m/-mm files beside an older model's AX.tsv.
+    rows = {name: (list(split[INDEX_COLUMN]), format_predictions(task, predict(task, model, split, tokenizer, batch_size)))
+            for name, split in data.test.items()}
+    return [write_submission(output_dir / files[name], indices, predictions) for name, (indices, predictions) in rows.items()]
 
 
 def _same_task(task: str | GlueTask, data: GlueData) -> GlueTask:
