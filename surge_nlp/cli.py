@@ -186,6 +186,21 @@ def _load_for_task(path: str, task: str):
     return model, AutoTokenizer.from_pretrained(resolve_model(path))
 
 
+def _device(args: argparse.Namespace):
+    """--device, else the first GPU where there is one (a QQP or MNLI test set on CPU cores takes hours)."""
+    import torch
+
+    if args.device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is invalid; allowed values: cpu, cuda, cuda:N, mps, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
 def _eval_length(args: argparse.Namespace, model, tokenizer) -> int:
     """--max-seq-length, else the length the model was trained at: its tokenizer's model_max_length (which the
     pipeline saves beside a student) where that is below the task's default, else the task's default."""
@@ -204,10 +219,11 @@ def _eval_length(args: argparse.Namespace, model, tokenizer) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .glue import agreement, load_glue, metrics_of, predictions_by_split
 
+    device = _device(args)
     model, tokenizer = _load_for_task(args.model, args.task)
     data = load_glue(args.task, tokenizer, dataset=args.dataset, max_seq_length=_eval_length(args, model, tokenizer),
                      max_eval_samples=args.max_eval_samples, splits=("validation",))
-    simulated = predictions_by_split(args.task, model, data, tokenizer, args.batch_size)
+    simulated = predictions_by_split(args.task, model.to(device), data, tokenizer, args.batch_size)
     metrics = metrics_of(args.task, simulated, data)
     if args.deploy:
         from .deploy import deploy
@@ -215,7 +231,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
         if not ops.available():
             raise ValueError(f"--deploy: the binary kernels cannot be built here ({ops.unavailable_reason()})")
-        deployed = predictions_by_split(args.task, deploy(model.eval()), data, tokenizer, args.batch_size)
+        deployed = predictions_by_split(args.task, deploy(model.cpu().eval()), data, tokenizer, args.batch_size)  # CPU kernels
         metrics = {"simulated": metrics, "deployed": metrics_of(args.task, deployed, data),
                    "identical_predictions": agreement(simulated, deployed)}
     print(json.dumps(metrics, indent=2))
@@ -224,10 +240,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from .glue import load_glue, predict_to_submission
 
+    device = _device(args)
     model, tokenizer = _load_for_task(args.model, args.task)
     data = load_glue(args.task, tokenizer, dataset=args.dataset, max_seq_length=_eval_length(args, model, tokenizer),
                      max_eval_samples=args.max_eval_samples, splits=("test",))
-    for path in predict_to_submission(args.task, model, data, tokenizer, args.output, batch_size=args.batch_size):
+    for path in predict_to_submission(args.task, model.to(device), data, tokenizer, args.output, batch_size=args.batch_size):
         print(path)
     if args.max_eval_samples is not None:
         print(f"note: --max-eval-samples {args.max_eval_samples} kept only the first test rows of each split; the GLUE "
@@ -309,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-seq-length", type=_positive_int, help="tokens per input after truncation (default: the length the "
                        "model was trained at, as its tokenizer's model_max_length says, at most the task's default: "
                        "64 CoLA/SST-2, 128 otherwise)")
+        p.add_argument("--device", help="where the model runs: cpu, cuda, cuda:N, ... (default: a CUDA GPU if there is "
+                       "one, else the CPU; --deploy's kernels always run on the CPU)")
         if name == "evaluate":
             p.add_argument("--deploy", action="store_true",
                            help="also evaluate surge_nlp.deploy(model) on the binary kernels; prints both")

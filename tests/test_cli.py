@@ -131,6 +131,29 @@ def test_summary_loads_the_checkpoints_own_class_and_names_a_missing_folder(rte_
     assert code == 2 and "is a file; a model is a folder" in err
 
 
+def test_evaluate_and_predict_run_on_the_chosen_device(rte_run, capsys, monkeypatch):
+    # Before: always the CPU, whatever the machine had (hours for QQP or MNLI test sets).
+    import argparse
+
+    import torch
+
+    from surge_nlp.cli import _device
+
+    out, _ = rte_run
+    default = run(capsys, "evaluate", out / "student", "--task", "rte", "--max-eval-samples", 8)
+    on_cpu = run(capsys, "evaluate", out / "student", "--task", "rte", "--max-eval-samples", 8, "--device", "cpu")
+    assert default[0] == on_cpu[0] == 0 and json.loads(on_cpu[1]) == json.loads(default[1])  # stdout: the metrics
+    code, _, err = run(capsys, "predict", out / "student", "--task", "rte", "--output", out / "sub", "--device", "gpu0")
+    assert code == 2 and "--device 'gpu0' is invalid; allowed values: cpu, cuda" in err
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "evaluate", out / "student", "--task", "rte", "--device", "cuda")
+        assert code == 2 and "no CUDA GPU is available here; use --device cpu" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _device(argparse.Namespace(device=None)) == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _device(argparse.Namespace(device=None)) == torch.device("cpu")
+
+
 def test_summary_command(rte_run, capsys):
     out, _ = rte_run
     code, stdout, _ = run(capsys, "summary", out / "student")
