@@ -234,7 +234,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         deployed = predictions_by_split(args.task, deploy(model.cpu().eval()), data, tokenizer, args.batch_size)  # CPU kernels
         metrics = {"simulated": metrics, "deployed": metrics_of(args.task, deployed, data),
                    "identical_predictions": agreement(simulated, deployed)}
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps(_json_safe(metrics), indent=2, allow_nan=False))
+
+
+def _json_safe(value):
+    """Metrics with NaN or infinite values as null, and a warning naming them (json.dumps writes `NaN`,
+    which is not JSON: a constant prediction has no correlation, for instance)."""
+    import math
+
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        print(f"warning: a metric is {value} (e.g. a correlation of constant predictions); printed as null", file=sys.stderr)
+        return None
+    return value
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

@@ -154,6 +154,17 @@ def test_evaluate_and_predict_run_on_the_chosen_device(rte_run, capsys, monkeypa
     assert _device(argparse.Namespace(device=None)) == torch.device("cpu")
 
 
+def test_evaluate_prints_valid_json_when_a_metric_is_undefined(rte_run, capsys, monkeypatch):
+    # Before: json.dumps wrote NaN (a constant predictor's correlation), which JSON readers refuse.
+    import surge_nlp.glue
+
+    out, _ = rte_run
+    monkeypatch.setattr(surge_nlp.glue, "metrics_of", lambda *args: {"validation": {"accuracy": 0.5, "f1": float("nan")}})
+    code, stdout, err = run(capsys, "evaluate", out / "student", "--task", "rte", "--max-eval-samples", 4)
+    assert code == 0 and json.loads(stdout) == {"validation": {"accuracy": 0.5, "f1": None}}
+    assert "NaN" not in stdout and "a metric is nan" in err and "printed as null" in err
+
+
 def test_summary_command(rte_run, capsys):
     out, _ = rte_run
     code, stdout, _ = run(capsys, "summary", out / "student")
