@@ -29,12 +29,14 @@ OFFLINE_MODEL_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_mini
 def resolve_model(name: str) -> str:
     """A local directory as is; a Hub id as is, except ids whose identical weights a locally
     installed package ships (so the CPU profile runs offline); the Hub is used otherwise."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).expanduser().exists():
-        # A path, not a Hub id ("name" or "org/name"): say so, not the Hub's "Repo id must be in the form ..."
-        raise FileNotFoundError(f"{name}: no such model folder" if not Path(name).expanduser().exists()
-                                else f"{name} is a file; a model is a folder (config.json, weights, tokenizer)")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    # A path, not a Hub id ("name" or "org/name"): say so, not the Hub's "Repo id must be in the form ..."
+    if path.exists():
+        raise FileNotFoundError(f"{name} is a file; a model is a folder (config.json, weights, tokenizer)")
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"{name}: no such model folder")
     package = OFFLINE_MODEL_PACKAGES.get(name)
     if package is not None:
         try:

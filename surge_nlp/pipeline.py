@@ -327,10 +327,11 @@ def distill_stages(recipe: Recipe, teacher: nn.Module, teacher_dir: str | Path, 
                             max_seq_length=sequence_length(recipe),
                             max_train_samples=recipe.max_train_samples).train
                   for name in recipe.augmentation.other_tasks]
-        scored = load_glue(recipe.task, tokenizer, dataset=recipe.dataset, splits=("validation", "test"),
-                           max_seq_length=sequence_length(recipe)) if others else None
-        held_out = [ids for group in (scored.validation, scored.test) for split in group.values()
-                    for ids in split["input_ids"]] if scored else []
+        held_out = []  # the inputs the student is scored on: none of them is distilled on
+        if others:
+            scored = load_glue(recipe.task, tokenizer, dataset=recipe.dataset, splits=("validation", "test"),
+                               max_seq_length=sequence_length(recipe))
+            held_out = [ids for split in (*scored.validation.values(), *scored.test.values()) for ids in split["input_ids"]]
         data = dataclasses.replace(data, train=recipe.augmentation.apply(data.train, tokenizer.all_special_ids, others, held_out))
     stages_info: list[dict[str, Any]] = []
     current_teacher, previous = teacher, None

@@ -147,19 +147,26 @@ def test_recipes_take_augmentation_and_refuse_it_with_label_losses():
                                                               "distill": {"ground_truth_weight": 0.5}})
 
 
-def test_the_pipeline_distils_on_the_augmented_set(tmp_path, tiny_base, glue_mirror, monkeypatch, capsys):
+def _run_augmented(tmp_path, tiny_base, task: str, augmentation: dict, **recipe_extra) -> dict:
+    """`surge-nlp glue TASK` on the first 16 training rows with `augmentation`; its results.json."""
     from surge_nlp.cli import main
 
-    monkeypatch.setenv("SURGE_NLP_GLUE_DATASET", str(glue_mirror))
-    recipe = {"task": "rte", "model": str(tiny_base), "max_train_samples": 16, "max_eval_samples": 8,
-              "augmentation": {"copies": 2, "replace_prob": 0.2},
+    distill = {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8}
+    if "max_steps" in recipe_extra:
+        distill["max_steps"] = recipe_extra.pop("max_steps")
+    recipe = {"task": task, "model": str(tiny_base), "max_train_samples": 16, "max_eval_samples": 8,
+              "augmentation": augmentation,
               "teacher": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8, "ground_truth_weight": 1.0,
                           "logits_weight": 0.0, "hidden_weight": 0.0},
-              "distill": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8},
-              "stages": [{"name": "w1a1", "quantization": {"estimator": "clipped_ste"}}]}
-    (tmp_path / "rte.yaml").write_text(yaml.safe_dump(recipe))
-    assert main(["-q", "glue", "rte", "--recipe", str(tmp_path / "rte.yaml"), "--output", str(tmp_path / "out")]) == 0
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+              "distill": distill, "stages": [{"name": "w1a1", "quantization": {"estimator": "clipped_ste"}}], **recipe_extra}
+    (tmp_path / f"{task}.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["-q", "glue", task, "--recipe", str(tmp_path / f"{task}.yaml"), "--output", str(tmp_path / "out")]) == 0
+    return json.loads((tmp_path / "out" / "results.json").read_text())
+
+
+def test_the_pipeline_distils_on_the_augmented_set(tmp_path, tiny_base, glue_mirror, monkeypatch):
+    monkeypatch.setenv("SURGE_NLP_GLUE_DATASET", str(glue_mirror))
+    results = _run_augmented(tmp_path, tiny_base, "rte", {"copies": 2, "replace_prob": 0.2})
     teacher_log = (tmp_path / "out" / "teacher_training" / "log_history.jsonl").read_text().splitlines()
     assert results["augmentation"] == {"copies": 2, "replace_prob": 0.2, "seed": 0, "other_tasks": []}
     stage = results["stages"][0]
@@ -168,35 +175,15 @@ def test_the_pipeline_distils_on_the_augmented_set(tmp_path, tiny_base, glue_mir
 
 
 def test_the_pipeline_drops_other_tasks_inputs_that_are_dev_or_test_inputs(tmp_path, tiny_base, glue_mirror, monkeypatch):
-    from surge_nlp.cli import main
-
     monkeypatch.setenv("SURGE_NLP_GLUE_DATASET", str(glue_mirror))
-    recipe = {"task": "stsb", "model": str(tiny_base), "max_train_samples": 16, "max_eval_samples": 8, "max_seq_length": 32,
-              "augmentation": {"other_tasks": ["mrpc"]},
-              "teacher": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8, "ground_truth_weight": 1.0,
-                          "logits_weight": 0.0, "hidden_weight": 0.0},
-              "distill": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8, "max_steps": 1},
-              "stages": [{"name": "w1a1", "quantization": {"estimator": "clipped_ste"}}]}
-    (tmp_path / "stsb.yaml").write_text(yaml.safe_dump(recipe))
-    assert main(["-q", "glue", "stsb", "--recipe", str(tmp_path / "stsb.yaml"), "--output", str(tmp_path / "out")]) == 0
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    results = _run_augmented(tmp_path, tiny_base, "stsb", {"other_tasks": ["mrpc"]}, max_seq_length=32, max_steps=1)
     # MRPC's training pair 1 is one of STS-B's dev or test pairs (the only one among its first 16).
     assert results["stages"][0]["train_examples"] == 16 + 15
 
 
 def test_the_pipeline_distils_on_other_tasks_inputs_too(tmp_path, tiny_base, glue_mirror, monkeypatch):
-    from surge_nlp.cli import main
-
     monkeypatch.setenv("SURGE_NLP_GLUE_DATASET", str(glue_mirror))
-    recipe = {"task": "rte", "model": str(tiny_base), "max_train_samples": 16, "max_eval_samples": 8, "max_seq_length": 32,
-              "augmentation": {"other_tasks": ["mrpc"]},
-              "teacher": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8, "ground_truth_weight": 1.0,
-                          "logits_weight": 0.0, "hidden_weight": 0.0},
-              "distill": {"learning_rate": 1e-3, "num_epochs": 1, "batch_size": 8, "max_steps": 3},
-              "stages": [{"name": "w1a1", "quantization": {"estimator": "clipped_ste"}}]}
-    (tmp_path / "rte.yaml").write_text(yaml.safe_dump(recipe))
-    assert main(["-q", "glue", "rte", "--recipe", str(tmp_path / "rte.yaml"), "--output", str(tmp_path / "out")]) == 0
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    results = _run_augmented(tmp_path, tiny_base, "rte", {"other_tasks": ["mrpc"]}, max_seq_length=32, max_steps=3)
     assert results["augmentation"]["other_tasks"] == ["mrpc"]
     # The added task is capped at max_train_samples as RTE's own set is (before: all 3,668 MRPC pairs).
     assert results["stages"][0]["train_examples"] == 16 + 16 and results["stages"][0]["steps"] == 3
