@@ -51,7 +51,7 @@ from surge_nlp.recipe import Recipe, RecipeError, load_recipe, merge
 LADDER_KEYS = ("profiles", "tasks", "rows", "ablations")
 ABLATION_KEYS = ("row", "against", "off")
 ROW_KEYS = ("recipe", "quantization", "training", "stages", "tasks")
-STAGE_KEYS = ("name", "quantization", "training", "keep_shifts")
+STAGE_KEYS = ("name", "quantization", "training", "keep_shifts", "share")
 # The number each paper's GLUE table reports per task (METHOD.md section 3).
 REPORTED_METRIC = {"mrpc": "f1", "stsb": "pearson", "cola": "matthews_correlation", "qqp": "f1"}
 RESULT = "results.json"
@@ -140,14 +140,30 @@ def row_recipe(ladder: dict[str, Any], row_name: str, task: str, seed: int | Non
     base_stage = {"name": stage.name, "quantization": stage.quantization.to_dict(), "training": stage.training.to_dict()}
     row = ladder["rows"][row_name]
     shared = {key: row[key] for key in ("quantization", "training") if key in row}
-    stages = [merge(merge(base_stage, shared), change) for change in row.get("stages", [{}])]
-    for stage, change in zip(stages, row.get("stages", [{}])):
+    changes = row.get("stages", [{}])
+    stages = [merge(merge(base_stage, shared), {k: v for k, v in change.items() if k != "share"}) for change in changes]
+    for index, (stage, change) in enumerate(zip(stages, changes)):
+        if "share" in change:
+            _take_share(stage["training"], change["share"], f"rows.{row_name}.stages[{index}].share", task)
         if seed is not None:
             stage["training"]["seed"] = seed
         if "name" not in change:  # named by its bits, e.g. "w1e1a4"
             q = stage["quantization"]
             stage["name"] = f"w{q.get('weight_bits', 1)}e{q.get('embedding_bits', 32)}a{q.get('activation_bits', 1)}"
     return load_recipe(task, profiles=ladder["profiles"], overrides={**row.get("recipe", {}), "stages": stages})
+
+
+def _take_share(training: dict[str, Any], share: Any, field: str, task: str) -> None:
+    """Give a stage `share` of the one-step schedule: its step cap where the task has one (SST-2's
+    3,750 steps), else its epochs; so a multi-step row trains as long as the one-step row on every task."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise LadderError(f"{field}={share!r} is invalid; allowed: a fraction in (0, 1]")
+    key = "max_steps" if training.get("max_steps") is not None else "num_epochs"
+    scaled = training[key] * share
+    if scaled < 1 or abs(scaled - round(scaled)) > 1e-9:
+        raise LadderError(f"{field}={share!r} gives {task} {scaled:g} {key.replace('_', ' ')} of {training[key]}; "
+                          f"allowed: a share that leaves a whole number >= 1")
+    training[key] = round(scaled)
 
 
 def row_tasks(ladder: dict[str, Any], row_name: str) -> list[str]:

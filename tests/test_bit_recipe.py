@@ -583,6 +583,14 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
     assert {"w1a1", "w1a1_fp_embeddings", "w1a2", "w1a4", "w1a1_multistep"} <= set(rows)
     bits = {name: [s.quantization.activation_bits for s in ladder_module.row_recipe(ladder, name, "stsb").stages] for name in rows}
     assert bits["w1a1"] == [1] and bits["w1a2"] == [2] and bits["w1a4"] == [4] and bits["w1a1_multistep"] == [2, 1]
+    # multi-step trains as long as one step on every task: half the epochs each, or half SST-2's step cap
+    for task in ("stsb", "cola", "sst2"):
+        one_step = ladder_module.row_recipe(ladder, "w1a1", task).stages[0].training
+        chain = [s.training for s in ladder_module.row_recipe(ladder, "w1a1_multistep", task).stages]
+        if task == "sst2":
+            assert one_step.max_steps == 3750 and [(t.max_steps, t.num_epochs) for t in chain] == [(1875, 1), (1875, 1)]
+        else:
+            assert one_step.max_steps is None and [(t.max_steps, t.num_epochs) for t in chain] == [(None, 4), (None, 4)]
     ablations = {name: ladder_module.row_recipe(ladder, name, "mrpc") for name in rows if name.startswith("ablation_")}
     on = ablations["ablation_all_on"].stages[0]
     # each ablation differs from all-on in exactly its ingredient; all share the 1-epoch, 64-token, FP-embedding protocol
@@ -678,6 +686,10 @@ def test_run_ladder_sh_names_only_rows_of_the_ladder(ladder_module, tmp_path):
     ({"rows": {"x": {}}, "ablations": [{"row": "x"}]}, r"ablations\[0\] must be a mapping with keys"),
     ({"rows": {"x": {"recipe": {"max_seq_length": "long"}}}}, "max_seq_length"),
     ({"profiles": ["nope"], "rows": {"x": {}}}, "no profile named 'nope'"),
+    ({"profiles": ["cpu-full"], "tasks": ["stsb"], "rows": {"x": {"stages": [{}, {"share": 0.3}]}}},
+     r"rows.x.stages\[1\].share=0.3 gives stsb 2.4 num epochs of 8; allowed: a share that leaves a whole number"),
+    ({"rows": {"x": {"stages": [{"share": 1.5}]}}}, r"rows.x.stages\[0\].share=1.5 is invalid; allowed: a fraction in \(0, 1\]"),
+    ({"rows": {"x": {"stages": [{"share": "half"}]}}}, r"share='half' is invalid"),
 ])
 def test_ladder_file_errors_name_the_field(ladder_module, tmp_path, content, message):
     path = tmp_path / "ladder.yaml"
