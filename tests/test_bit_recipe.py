@@ -612,7 +612,8 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
     assert all(ladder_module.row_tasks(ladder, name) == ["stsb", "mrpc"] for name in ablations)
     # the ablation table pairs each ablation with the row it switches one ingredient off in
     probes = ("probe_fp_attention", "probe_a2", "probe_attention_loss", "probe_logits_only", "probe_lr1e3",
-              "probe_probs_zero_shift", "probe_probs_bit_scale", "probe_probs_bit", "probe_hidden_only", "probe_no_clip")
+              "probe_probs_zero_shift", "probe_probs_bit_scale", "probe_probs_bit", "probe_hidden_only", "probe_no_clip",
+              "probe_surge", "probe_surge_eta01")
     assert {a["row"]: a["against"] for a in ladder["ablations"]} == {
         "ablation_gelu_ffn": "ablation_all_on", "ablation_scale_through": "ablation_all_on",
         "ablation_shift_at_scale_lr": "ablation_all_on", "ablation_all_off": "ablation_all_on",
@@ -632,7 +633,8 @@ def test_shipped_ladder_has_the_issue_rows(ladder_module):
                        "probe_probs_zero_shift": {"quantization.attention_probability_shift"},
                        "probe_probs_bit_scale": {"quantization.attention_probability_scale"},
                        "probe_probs_bit": {"quantization.attention_probability_shift", "quantization.attention_probability_scale"},
-                       "probe_hidden_only": {"training.logits_weight"}, "probe_no_clip": {"training.max_grad_norm"}}
+                       "probe_hidden_only": {"training.logits_weight"}, "probe_no_clip": {"training.max_grad_norm"},
+                       "probe_surge": {"quantization.estimator"}, "probe_surge_eta01": {"quantization.estimator", "quantization.eta"}}
     assert ladder_module.row_recipe(ladder, "probe_probs_bit", "stsb").stages[0].quantization.attention_probability_scale == 4 / 128
     assert ladder_module.row_recipe(ladder, "probe_no_clip", "stsb").stages[0].training.max_grad_norm is None
     augmented = ladder_module.row_recipe(ladder, "w1a1_augmented", "stsb")
