@@ -40,8 +40,9 @@ class LayerSummary:
     params_1bit: int
     params_32bit: int
     memory_bytes: int
-    macs_per_token: int
+    macs_per_token: int  # per input row; a per-sequence layer (see `per_token`) runs one row per sequence
     engine: str = "simulated"  # or the kernel surge_nlp.deploy runs it on: "xor-popcount", "and-popcount", "bit-serial-popcount"
+    per_token: bool = True  # False: runs once per sequence (the pooler, a sequence-classification head)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class ModelSummary:
             f"deployed size:             {t['deployed_bytes'] / 2**20:.2f} MiB ({t['deployed_bytes']:,} bytes)",
             f"FP32 equivalent:           {t['fp32_bytes'] / 2**20:.2f} MiB ({t['fp32_bytes']:,} bytes)",
             f"compression ratio:         {t['compression_ratio']:.2f}x",
-            f"binary MACs (seq {t['seq_len']}):     {100 * t['binary_mac_share']:.1f}% of {t['macs_per_sequence']:,}",
+            f"binary MACs (seq {t['seq_len']}):     {100 * t['binary_mac_share']:.2f}% of {t['macs_per_sequence']:,}",
         ]
         return "\n".join(lines)
 
@@ -83,10 +84,26 @@ def _own_params(module: nn.Module) -> int:
     return sum(p.numel() for n, p in module.named_parameters() if n.rsplit(".", 1)[-1] not in _TRAINING_ONLY)
 
 
+# Heads that read one vector per sequence (the first token's, or the pooler's); other heads (token
+# classification, question answering, masked LM) run on every token.
+_PER_SEQUENCE_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForNextSentencePrediction")
+
+
+def _runs_per_token(model: nn.Module, name: str) -> bool:
+    """Whether the linear `name` runs on every token of a sequence, or once per sequence."""
+    prefix = getattr(model, "base_model_prefix", "")
+    base = f"{prefix}." if prefix and hasattr(model, prefix) else ""
+    if name.startswith(f"{base}pooler.") or name == f"{base}pooler":
+        return False
+    in_head = bool(base) and not name.startswith(base)
+    return not (in_head and type(model).__name__.endswith(_PER_SEQUENCE_HEADS))
+
+
 def summary(model: nn.Module, seq_len: int = 128, print_fn=print) -> ModelSummary:
     """Per binarized layer and totals; printed through `print_fn` (None: silent) and returned.
 
-    `seq_len` sets the attention matmul MACs counted in `binary_mac_share`.
+    `seq_len` sets the MACs of a sequence: each encoder linear and attention matmul runs on every
+    token, the pooler and a sequence-classification head once.
     """
     layers: list[LayerSummary] = []
     binarized_ids: set[int] = set()
@@ -102,7 +119,8 @@ def summary(model: nn.Module, seq_len: int = 128, print_fn=print) -> ModelSummar
         fp += _own_params(quantizer) if quantizer is not None else 0
         is_linear = isinstance(module, nn.Linear)  # PackedSurgeLinear is one
         layers.append(LayerSummary(name, "linear" if is_linear else "embedding", module.weight_bits, module.input_bits,
-                                   ones, fp, rows * packed_length(columns) + 4 * fp, ones if is_linear else 0, module.engine))
+                                   ones, fp, rows * packed_length(columns) + 4 * fp, ones if is_linear else 0, module.engine,
+                                   _runs_per_token(model, name)))
         if not isinstance(getattr(module, "weight", None), nn.Parameter):  # packed: a buffer, not a parameter
             packed_fp32_bytes += 4 * ones
         binarized_ids.update(id(p) for p in module.parameters())
@@ -117,21 +135,26 @@ def summary(model: nn.Module, seq_len: int = 128, print_fn=print) -> ModelSummar
         p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] not in _TRAINING_ONLY and "quantizer" not in n and "surge_attention" not in n
     )
 
-    binary_macs = sum(layer.macs_per_token for layer in layers if layer.kind == "linear" and layer.input_bits == 1)
-    all_linear_macs = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    def rows(per_token: bool) -> int:  # input rows a layer processes per sequence
+        return seq_len if per_token else 1
+
+    binary_macs = sum(layer.macs_per_token * rows(layer.per_token) for layer in layers
+                      if layer.kind == "linear" and layer.input_bits == 1)
+    total_macs = sum(m.in_features * m.out_features * rows(_runs_per_token(model, name))
+                     for name, m in model.named_modules() if isinstance(m, nn.Linear))
     attention_macs = 0
     for module in model.modules():
         if isinstance(module, AttentionQuantizers):
             num_heads, _, head_dim = module.query.beta.shape
-            per_token = 2 * seq_len * num_heads * head_dim  # Q.K^T and P.V
-            attention_macs += per_token
-            binary_macs += per_token if module.query.bits == 1 else 0
+            per_sequence = 2 * seq_len * seq_len * num_heads * head_dim  # Q.K^T and P.V
+            attention_macs += per_sequence
+            binary_macs += per_sequence if module.query.bits == 1 else 0
     config = getattr(model, "config", None)
     # No attention quantizers (attention not binarized): count the full-precision attention matmuls.
     if attention_macs == 0 and config is not None and hasattr(config, "get_text_config"):
         text = config.get_text_config()
-        attention_macs = 2 * seq_len * text.hidden_size * text.num_hidden_layers
-    total_macs = (all_linear_macs + attention_macs) * seq_len
+        attention_macs = 2 * seq_len * seq_len * text.hidden_size * text.num_hidden_layers
+    total_macs += attention_macs
     totals = {
         "binarized_layers": len(layers),
         "kernel_layers": sum(layer.engine != SIMULATED for layer in layers),
@@ -145,7 +168,7 @@ def summary(model: nn.Module, seq_len: int = 128, print_fn=print) -> ModelSummar
         "compression_ratio": fp32 / deployed if deployed else 1.0,
         "seq_len": seq_len,
         "macs_per_sequence": total_macs,
-        "binary_mac_share": binary_macs * seq_len / total_macs if total_macs else 0.0,
+        "binary_mac_share": binary_macs / total_macs if total_macs else 0.0,
     }
     result = ModelSummary(layers, totals)
     if print_fn is not None:

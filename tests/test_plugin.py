@@ -304,6 +304,48 @@ def test_real_minilm_teacher_is_fully_binarized(minilm_path):
     assert report.totals["params_1bit"] == sum(linears[n].weight.numel() for n in encoder)
 
 
+@pytest.mark.parametrize("family,head", [("bert", "ForSequenceClassification"), ("roberta", "ForSequenceClassification"),
+                                         ("distilbert", "ForSequenceClassification"), ("bert", "ForTokenClassification")])
+def test_summary_macs_match_a_counted_forward(tmp_path, family, head):
+    # Independent count: run one sequence and add up, for every linear, the rows it really
+    # processed x in x out; the pooler and a sequence-classification head see one row, the
+    # encoder and a token-classification head every token. Attention: Q.K^T and P.V per layer.
+    import transformers
+
+    from .conftest import tiny_config
+
+    config = tiny_config(family)
+    model_class = getattr(transformers, f"{type(config).__name__[:-len('Config')]}{head}")
+    torch.manual_seed(0)
+    model = model_class(config)
+    model.save_pretrained(tmp_path / "m")
+    model = model_class.from_pretrained(tmp_path / "m", quantization_config=SurgeConfig(estimator="clipped_ste", modules_to_not_convert=[])).eval()
+    seq_len, counted, binary = 16, {}, {}
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: counted.__setitem__(
+        name, args[0].numel() // m.in_features * m.in_features * m.out_features))
+        for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 120, (1, seq_len)))
+    for hook in hooks:
+        hook.remove()
+    text = model.config
+    hidden = getattr(text, "hidden_size", None) or text.dim
+    layers = getattr(text, "num_hidden_layers", None) or text.n_layers
+    attention = layers * 2 * seq_len * seq_len * hidden
+    report = surge_nlp.summary(model, seq_len=seq_len, print_fn=None)
+    assert report.totals["macs_per_sequence"] == sum(counted.values()) + attention
+    one_bit = {layer.name for layer in report.layers if layer.kind == "linear" and layer.input_bits == 1}
+    assert one_bit and one_bit <= set(counted)
+    assert report.totals["binary_mac_share"] == pytest.approx((sum(counted[n] for n in one_bit) + attention)
+                                                              / report.totals["macs_per_sequence"])
+    per_sequence = {name for name, macs in counted.items() if macs == model.get_submodule(name).in_features * model.get_submodule(name).out_features}
+    assert bool(per_sequence) == (head == "ForSequenceClassification")
+    # the binarized per-sequence layers (the pooler; nothing is kept in FP here but the classifier) say so
+    reported = {layer.name for layer in report.layers if not layer.per_token}
+    assert reported == per_sequence & {layer.name for layer in report.layers}
+    assert ("bert.pooler.dense" in reported) == (family == "bert" and head == "ForSequenceClassification")
+
+
 def test_summary_counts(tiny_bert):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, quantization_config=SurgeConfig())
     lines = []
