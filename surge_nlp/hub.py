@@ -4,7 +4,8 @@
 exactly the checkpoint `surge_nlp.serialization` writes, packed by default), adds a `README.md`
 model card (`model-index` metadata with the GLUE dev results, base model, dataset, W-E-A bits, size,
 estimator, deployed speed when measured, how to load it) and
-uploads the folder with Transformers' Hub client in one commit. It is a plain function: a SURGE
+uploads the folder with Transformers' Hub client in one commit, which also deletes the weight files
+of an earlier upload that this one does not overwrite (shards of another size, a single file). It is a plain function: a SURGE
 model's own `model.push_to_hub` stays Transformers' (the same packed checkpoint, Transformers'
 generic card).
 
@@ -20,11 +21,13 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import tempfile
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import hub as transformers_hub
@@ -139,7 +142,28 @@ def push_to_hub(model: nn.Module, repo_id: str, *, metrics: dict[str, float] | N
             tokenizer.save_pretrained(directory)
         with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(card)
-        return model._upload_modified_files(
-            directory, repo_id, files_timestamps={}, commit_message=commit_message, token=token,
-            create_pr=create_pr, revision=revision, commit_description=commit_description,
-        )
+        api = transformers_hub.hf_api()
+        new_files = sorted(os.listdir(directory))
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(directory, name)) for name in new_files]
+        operations += [CommitOperationDelete(path_in_repo=name) for name in _stale_weight_files(api, repo_id, revision, token, new_files)]
+        if revision is not None and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
+        return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message or "Upload model",
+                                 commit_description=commit_description, token=token, create_pr=create_pr, revision=revision)
+
+
+# Top-level weight files Transformers writes (one file, or shards plus an index).
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def _stale_weight_files(api: Any, repo_id: str, revision: str | None, token: bool | str | None, new_files: list[str]) -> list[str]:
+    """The repository's weight files that this upload does not replace. They must go in the same
+    commit: `from_pretrained` prefers a single `model.safetensors` over an index, so a packed file left
+    beside a newly sharded upload would load instead of it (and stale shards beside a new single file
+    only mislead)."""
+    try:
+        existing = api.list_repo_files(repo_id, revision=revision, token=token)
+    except (RepositoryNotFoundError, RevisionNotFoundError):  # a new repository or branch: nothing to replace
+        return []
+    return [name for name in existing if "/" not in name and name not in new_files
+            and any(fnmatch.fnmatch(name, pattern) for pattern in WEIGHT_FILE_PATTERNS)]

@@ -86,7 +86,7 @@ def fixed_batch(batch_size: int = 8, seq_len: int = 12, vocab: int = 120, seed: 
 @pytest.fixture
 def intercepted_hub(tmp_path, monkeypatch):
     """Replace the Hub client's network calls: record the repo and copy the files a commit would upload."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     uploads = {"dir": tmp_path / "uploaded", "commits": []}
 
@@ -95,18 +95,28 @@ def intercepted_hub(tmp_path, monkeypatch):
         return types.SimpleNamespace(repo_id=f"user/{repo_id}")
 
     def create_commit(self, repo_id, operations, **kwargs):
-        uploads["commits"].append((repo_id, [op.path_in_repo for op in operations], kwargs))
+        added = [op.path_in_repo for op in operations if isinstance(op, CommitOperationAdd)]
+        uploads["commits"].append((repo_id, added, kwargs))
+        uploads.setdefault("deleted", []).append([op.path_in_repo for op in operations if isinstance(op, CommitOperationDelete)])
         for op in operations:
             target = uploads["dir"] / op.path_in_repo
+            if isinstance(op, CommitOperationDelete):
+                target.unlink()  # the Hub refuses to delete a file the repository does not have
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(op.path_or_fileobj, target)
         return types.SimpleNamespace(commit_url="https://hub.invalid/commit/1")
+
+    def list_repo_files(self, repo_id, **kwargs):
+        root = uploads["dir"]
+        return sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
 
     def no_network(self, *args, **kwargs):
         raise AssertionError("push_to_hub made an unexpected Hub call")
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "list_repo_files", list_repo_files)
     monkeypatch.setattr(HfApi, "create_branch", no_network)
     monkeypatch.setattr(HfApi, "upload_folder", no_network)
     return uploads

@@ -600,6 +600,30 @@ def test_push_to_hub_uploads_a_loadable_packed_checkpoint_and_card(tmp_path, int
         assert text in card, text
 
 
+def test_a_new_push_deletes_the_weight_files_it_does_not_replace(tmp_path, intercepted_hub):
+    # Packed single file first, then the training checkpoint in shards: from_pretrained prefers
+    # model.safetensors, so the old packed file left beside the new shards would load instead of them.
+    packed = _binarized(config=SurgeConfig(embedding_bits=1))
+    surge_nlp.push_to_hub(packed, "tiny-surge")
+    uploaded = intercepted_hub["dir"]
+    (uploaded / "notes.txt").write_text("kept: not a weight file")
+    (uploaded / "sub").mkdir()
+    (uploaded / "sub" / "model.safetensors").write_text("kept: not top level")
+    training = _binarized(config=SurgeConfig(embedding_bits=1, checkpoint_format="training"), seed=1)
+    surge_nlp.push_to_hub(training, "tiny-surge", max_shard_size="20KB")
+    shards = sorted(f.name for f in uploaded.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and intercepted_hub["deleted"] == [[], [WEIGHTS]]
+    assert sorted(f.name for f in uploaded.iterdir()) == sorted(["README.md", "config.json", "model.safetensors.index.json", "notes.txt",
+                                                                 "sub", *shards])
+    batch = fixed_batch()
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(uploaded).eval()
+    assert _max_difference(_outputs(reloaded, batch), _outputs(training.eval(), batch)) <= 1e-5
+    # and back: one packed file replaces the shards and their index
+    surge_nlp.push_to_hub(packed, "tiny-surge")
+    assert sorted(intercepted_hub["deleted"][-1]) == sorted(["model.safetensors.index.json", *shards])
+    assert sorted(f.name for f in uploaded.iterdir()) == ["README.md", "config.json", WEIGHTS, "notes.txt", "sub"]
+
+
 def test_push_to_hub_of_a_reloaded_model_without_metrics(packed_dir, intercepted_hub):
     model = transformers.AutoModelForSequenceClassification.from_pretrained(packed_dir)
     surge_nlp.push_to_hub(model, "again")
