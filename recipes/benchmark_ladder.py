@@ -144,7 +144,7 @@ def row_recipe(ladder: dict[str, Any], row_name: str, task: str, seed: int | Non
     stages = [merge(merge(base_stage, shared), {k: v for k, v in change.items() if k != "share"}) for change in changes]
     for index, (stage, change) in enumerate(zip(stages, changes)):
         if "share" in change:
-            _take_share(stage["training"], change["share"], f"rows.{row_name}.stages[{index}].share", task)
+            _take_share(stage["training"], change.get("training", {}), change["share"], f"rows.{row_name}.stages[{index}].share", task)
         if seed is not None:
             stage["training"]["seed"] = seed
         if "name" not in change:  # named by its bits, e.g. "w1e1a4"
@@ -153,11 +153,14 @@ def row_recipe(ladder: dict[str, Any], row_name: str, task: str, seed: int | Non
     return load_recipe(task, profiles=ladder["profiles"], overrides={**row.get("recipe", {}), "stages": stages})
 
 
-def _take_share(training: dict[str, Any], share: Any, field: str, task: str) -> None:
+def _take_share(training: dict[str, Any], stage_training: dict[str, Any], share: Any, field: str, task: str) -> None:
     """Give a stage `share` of the one-step schedule: its step cap where the task has one (SST-2's
     3,750 steps), else its epochs; so a multi-step row trains as long as the one-step row on every task."""
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
         raise LadderError(f"{field}={share!r} is invalid; allowed: a fraction in (0, 1]")
+    if set(stage_training) & {"num_epochs", "max_steps"}:
+        raise LadderError(f"{field} takes a share of the one-step schedule; the stage also sets "
+                          f"{' and '.join(sorted(set(stage_training) & {'num_epochs', 'max_steps'}))}: set one or the other")
     key = "max_steps" if training.get("max_steps") is not None else "num_epochs"
     scaled = training[key] * share
     if scaled < 1 or abs(scaled - round(scaled)) > 1e-9:

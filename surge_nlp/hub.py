@@ -27,7 +27,7 @@ import tempfile
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import hub as transformers_hub
@@ -134,7 +134,8 @@ def push_to_hub(model: nn.Module, repo_id: str, *, metrics: dict[str, float] | N
     commit (without it the repository holds no tokenizer: `AutoTokenizer.from_pretrained(repo_id)`
     and `pipeline(...)` need one). Returns the Hub client's commit info.
     """
-    repo_id = transformers_hub.hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    api = transformers_hub.hf_api()
+    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     card = model_card(model, metrics=metrics, task=task, base_model=base_model, repo_id=repo_id, tags=tags, speedup=speedup)
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory, max_shard_size=max_shard_size)
@@ -142,28 +143,46 @@ def push_to_hub(model: nn.Module, repo_id: str, *, metrics: dict[str, float] | N
             tokenizer.save_pretrained(directory)
         with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(card)
-        api = transformers_hub.hf_api()
-        new_files = sorted(os.listdir(directory))
+        if revision is not None and not revision.startswith("refs/pr"):
+            _ensure_branch(api, repo_id, revision, token, create_pr)  # before listing: a new branch starts as a copy of main
+        new_files = _files_under(directory)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(directory, name)) for name in new_files]
         operations += [CommitOperationDelete(path_in_repo=name) for name in _stale_weight_files(api, repo_id, revision, token, new_files)]
-        if revision is not None and not revision.startswith("refs/pr"):
-            api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
-        return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message or "Upload model",
+        message = commit_message or ("Upload model" if "Model" in type(model).__name__ else f"Upload {type(model).__name__}")  # Transformers' default
+        return api.create_commit(repo_id=repo_id, operations=operations, commit_message=message,
                                  commit_description=commit_description, token=token, create_pr=create_pr, revision=revision)
 
 
-# Top-level weight files Transformers writes (one file, or shards plus an index).
-WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+def _ensure_branch(api: Any, repo_id: str, branch: str, token: bool | str | None, create_pr: bool) -> None:
+    """Create `branch` if it is missing, as Transformers' push does; without write access a pull
+    request may still target it (the Hub answers 403 to the creation, and the commit opens the PR)."""
+    try:
+        api.create_branch(repo_id=repo_id, branch=branch, token=token, exist_ok=True)
+    except HfHubHTTPError as error:
+        if not (create_pr and error.response is not None and error.response.status_code == 403):
+            raise
+
+
+def _files_under(directory: str) -> list[str]:
+    """Every file below `directory` as a repository path (`a/b.json`), sorted; save_pretrained may
+    write folders (a tokenizer's `additional_chat_templates/`)."""
+    return sorted(os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/")
+                  for root, _, names in os.walk(directory) for name in names)
+
+
+# Top-level weight files Transformers writes: one file, or shards plus their index.
+WEIGHT_FILE_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+                        "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
 
 
 def _stale_weight_files(api: Any, repo_id: str, revision: str | None, token: bool | str | None, new_files: list[str]) -> list[str]:
     """The repository's weight files that this upload does not replace. They must go in the same
     commit: `from_pretrained` prefers a single `model.safetensors` over an index, so a packed file left
     beside a newly sharded upload would load instead of it (and stale shards beside a new single file
-    only mislead)."""
+    only mislead). Other files (an adapter, a README) are the owner's and stay."""
     try:
         existing = api.list_repo_files(repo_id, revision=revision, token=token)
-    except (RepositoryNotFoundError, RevisionNotFoundError):  # a new repository or branch: nothing to replace
+    except (RepositoryNotFoundError, RevisionNotFoundError):  # nothing there to replace (or a PR to a branch not made)
         return []
     return [name for name in existing if "/" not in name and name not in new_files
             and any(fnmatch.fnmatch(name, pattern) for pattern in WEIGHT_FILE_PATTERNS)]

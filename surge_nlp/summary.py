@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from torch import nn
@@ -67,6 +68,7 @@ class ModelSummary:
             )
         t = self.totals
         lines += ["-" * len(header)] if layers else []
+        # the share is cut, not rounded, to two decimals: 100.00% only when every MAC is binary
         lines += [
             f"binarized layers:          {t['binarized_layers']}",
             f"on binary kernels:         {t['kernel_layers']} layers, {t['kernel_attention_modules']} attention modules",
@@ -75,7 +77,7 @@ class ModelSummary:
             f"deployed size:             {t['deployed_bytes'] / 2**20:.2f} MiB ({t['deployed_bytes']:,} bytes)",
             f"FP32 equivalent:           {t['fp32_bytes'] / 2**20:.2f} MiB ({t['fp32_bytes']:,} bytes)",
             f"compression ratio:         {t['compression_ratio']:.2f}x",
-            f"binary MACs (seq {t['seq_len']}):     {100 * t['binary_mac_share']:.2f}% of {t['macs_per_sequence']:,}",
+            f"binary MACs (seq {t['seq_len']}):     {math.floor(10000 * t['binary_mac_share']) / 100:.2f}% of {t['macs_per_sequence']:,}",
         ]
         return "\n".join(lines)
 

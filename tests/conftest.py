@@ -87,6 +87,7 @@ def fixed_batch(batch_size: int = 8, seq_len: int = 12, vocab: int = 120, seed: 
 def intercepted_hub(tmp_path, monkeypatch):
     """Replace the Hub client's network calls: record the repo and copy the files a commit would upload."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     uploads = {"dir": tmp_path / "uploaded", "commits": []}
 
@@ -117,6 +118,11 @@ def intercepted_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     monkeypatch.setattr(HfApi, "list_repo_files", list_repo_files)
-    monkeypatch.setattr(HfApi, "create_branch", no_network)
+    def create_branch(self, repo_id, branch, **kwargs):  # a new branch is a copy of main: the one folder models both
+        if uploads.get("refuse_branches"):
+            raise HfHubHTTPError("403 Forbidden", response=types.SimpleNamespace(status_code=403, headers={}, request=None))
+        uploads.setdefault("branches", []).append((repo_id, branch, kwargs))
+
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
     monkeypatch.setattr(HfApi, "upload_folder", no_network)
     return uploads

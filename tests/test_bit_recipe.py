@@ -692,6 +692,8 @@ def test_run_ladder_sh_names_only_rows_of_the_ladder(ladder_module, tmp_path):
      r"rows.x.stages\[1\].share=0.3 gives stsb 2.4 num epochs of 8; allowed: a share that leaves a whole number"),
     ({"rows": {"x": {"stages": [{"share": 1.5}]}}}, r"rows.x.stages\[0\].share=1.5 is invalid; allowed: a fraction in \(0, 1\]"),
     ({"rows": {"x": {"stages": [{"share": "half"}]}}}, r"share='half' is invalid"),
+    ({"rows": {"x": {"stages": [{"share": 0.5, "training": {"num_epochs": 2}}]}}},
+     r"rows.x.stages\[0\].share takes a share of the one-step schedule; the stage also sets num_epochs"),
 ])
 def test_ladder_file_errors_name_the_field(ladder_module, tmp_path, content, message):
     path = tmp_path / "ladder.yaml"

@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -607,21 +608,54 @@ def test_a_new_push_deletes_the_weight_files_it_does_not_replace(tmp_path, inter
     surge_nlp.push_to_hub(packed, "tiny-surge")
     uploaded = intercepted_hub["dir"]
     (uploaded / "notes.txt").write_text("kept: not a weight file")
+    (uploaded / "adapter_model.safetensors").write_text("kept: not a file Transformers' save writes")
     (uploaded / "sub").mkdir()
     (uploaded / "sub" / "model.safetensors").write_text("kept: not top level")
     training = _binarized(config=SurgeConfig(embedding_bits=1, checkpoint_format="training"), seed=1)
     surge_nlp.push_to_hub(training, "tiny-surge", max_shard_size="20KB")
     shards = sorted(f.name for f in uploaded.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1 and intercepted_hub["deleted"] == [[], [WEIGHTS]]
-    assert sorted(f.name for f in uploaded.iterdir()) == sorted(["README.md", "config.json", "model.safetensors.index.json", "notes.txt",
-                                                                 "sub", *shards])
+    assert sorted(f.name for f in uploaded.iterdir()) == sorted(["README.md", "adapter_model.safetensors", "config.json",
+                                                                 "model.safetensors.index.json", "notes.txt", "sub", *shards])
     batch = fixed_batch()
     reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(uploaded).eval()
     assert _max_difference(_outputs(reloaded, batch), _outputs(training.eval(), batch)) <= 1e-5
     # and back: one packed file replaces the shards and their index
     surge_nlp.push_to_hub(packed, "tiny-surge")
     assert sorted(intercepted_hub["deleted"][-1]) == sorted(["model.safetensors.index.json", *shards])
-    assert sorted(f.name for f in uploaded.iterdir()) == ["README.md", "config.json", WEIGHTS, "notes.txt", "sub"]
+    assert sorted(f.name for f in uploaded.iterdir()) == ["README.md", "adapter_model.safetensors", "config.json", WEIGHTS, "notes.txt", "sub"]
+
+
+def test_a_push_to_a_new_branch_replaces_the_weight_files_it_starts_with(intercepted_hub):
+    # The branch is made before the repository is listed: it starts as a copy of main, whose single
+    # packed file would otherwise stay beside the new shards on the branch and load instead of them.
+    packed = _binarized(config=SurgeConfig(embedding_bits=1))
+    surge_nlp.push_to_hub(packed, "tiny-surge")
+    training = _binarized(config=SurgeConfig(embedding_bits=1, checkpoint_format="training"), seed=1)
+    surge_nlp.push_to_hub(training, "tiny-surge", revision="v2", max_shard_size="20KB")
+    assert [(repo, branch) for repo, branch, _ in intercepted_hub["branches"]] == [("user/tiny-surge", "v2")]
+    assert intercepted_hub["deleted"][-1] == [WEIGHTS] and intercepted_hub["commits"][-1][2]["revision"] == "v2"
+    # Without write access a pull request may target a branch it cannot create (the Hub answers 403)
+    intercepted_hub["refuse_branches"] = True
+    surge_nlp.push_to_hub(packed, "tiny-surge", revision="v3", create_pr=True)
+    assert intercepted_hub["commits"][-1][2]["create_pr"] is True
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with pytest.raises(HfHubHTTPError, match="403"):  # not a pull request: the refusal stands
+        surge_nlp.push_to_hub(packed, "tiny-surge", revision="v3")
+
+
+def test_push_to_hub_uploads_the_folders_save_pretrained_writes(intercepted_hub):
+    class TemplatesTokenizer:  # what a tokenizer with several chat templates writes
+        def save_pretrained(self, directory):
+            Path(directory, "tokenizer.json").write_text("{}")
+            Path(directory, "additional_chat_templates").mkdir()
+            Path(directory, "additional_chat_templates", "tool.jinja").write_text("{{ x }}")
+
+    surge_nlp.push_to_hub(_binarized(), "tiny-surge", tokenizer=TemplatesTokenizer())
+    (_, files, kwargs), = intercepted_hub["commits"]
+    assert sorted(files) == ["README.md", "additional_chat_templates/tool.jinja", "config.json", WEIGHTS, "tokenizer.json"]
+    assert kwargs["commit_message"] == "Upload BertForSequenceClassification"  # Transformers' default message
 
 
 def test_push_to_hub_of_a_reloaded_model_without_metrics(packed_dir, intercepted_hub):

@@ -346,6 +346,16 @@ def test_summary_macs_match_a_counted_forward(tmp_path, family, head):
     assert ("bert.pooler.dense" in reported) == (family == "bert" and head == "ForSequenceClassification")
 
 
+@pytest.mark.parametrize("share,printed", [(0.99996, "99.99%"), (1.0, "100.00%"), (0.98695, "98.69%")])
+def test_summary_never_rounds_the_binary_share_up_to_all(share, printed):
+    from surge_nlp.summary import ModelSummary
+
+    totals = dict(binarized_layers=1, kernel_layers=0, kernel_attention_modules=0, params_1bit=8, params_32bit=1,
+                  deployed_bytes=5, fp32_bytes=36, compression_ratio=7.2, seq_len=128, macs_per_sequence=1000,
+                  binary_mac_share=share)
+    assert f"binary MACs (seq 128):     {printed} of 1,000" in ModelSummary([], totals).format(layers=False)
+
+
 def test_summary_counts(tiny_bert):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, quantization_config=SurgeConfig())
     lines = []
