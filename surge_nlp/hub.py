@@ -146,10 +146,11 @@ def push_to_hub(model: nn.Module, repo_id: str, *, metrics: dict[str, float] | N
         if revision is not None and not revision.startswith("refs/pr"):
             _ensure_branch(api, repo_id, revision, token, create_pr)  # before listing: a new branch starts as a copy of main
         new_files = _files_under(directory)
+        parent, stale = _stale_weight_files(api, repo_id, revision, token, new_files)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(directory, name)) for name in new_files]
-        operations += [CommitOperationDelete(path_in_repo=name) for name in _stale_weight_files(api, repo_id, revision, token, new_files)]
+        operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
         message = commit_message or ("Upload model" if "Model" in type(model).__name__ else f"Upload {type(model).__name__}")  # Transformers' default
-        return api.create_commit(repo_id=repo_id, operations=operations, commit_message=message,
+        return api.create_commit(repo_id=repo_id, operations=operations, commit_message=message, parent_commit=parent,
                                  commit_description=commit_description, token=token, create_pr=create_pr, revision=revision)
 
 
@@ -175,14 +176,18 @@ WEIGHT_FILE_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.
                         "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
 
 
-def _stale_weight_files(api: Any, repo_id: str, revision: str | None, token: bool | str | None, new_files: list[str]) -> list[str]:
-    """The repository's weight files that this upload does not replace. They must go in the same
-    commit: `from_pretrained` prefers a single `model.safetensors` over an index, so a packed file left
-    beside a newly sharded upload would load instead of it (and stale shards beside a new single file
-    only mislead). Other files (an adapter, a README) are the owner's and stay."""
+def _stale_weight_files(api: Any, repo_id: str, revision: str | None, token: bool | str | None,
+                        new_files: list[str]) -> tuple[str | None, list[str]]:
+    """The commit the repository's `revision` points to, and its weight files that this upload does
+    not replace. They must go in the same commit: `from_pretrained` prefers a single `model.safetensors`
+    over an index, so a packed file left beside a newly sharded upload would load instead of it (and
+    stale shards beside a new single file only mislead). Other files (an adapter, a README) are the
+    owner's and stay. The upload commits onto that commit (`parent_commit`): if the repository moved
+    in between, the Hub refuses it rather than delete from a listing that is out of date."""
     try:
-        existing = api.list_repo_files(repo_id, revision=revision, token=token)
+        parent = api.repo_info(repo_id, revision=revision, token=token).sha
+        existing = api.list_repo_files(repo_id, revision=parent, token=token)
     except (RepositoryNotFoundError, RevisionNotFoundError):  # nothing there to replace (or a PR to a branch not made)
-        return []
-    return [name for name in existing if "/" not in name and name not in new_files
-            and any(fnmatch.fnmatch(name, pattern) for pattern in WEIGHT_FILE_PATTERNS)]
+        return None, []
+    return parent, [name for name in existing if "/" not in name and name not in new_files
+                    and any(fnmatch.fnmatch(name, pattern) for pattern in WEIGHT_FILE_PATTERNS)]

@@ -108,6 +108,9 @@ def intercepted_hub(tmp_path, monkeypatch):
             shutil.copyfile(op.path_or_fileobj, target)
         return types.SimpleNamespace(commit_url="https://hub.invalid/commit/1")
 
+    def repo_info(self, repo_id, **kwargs):  # the commit the repository points to: one per commit made
+        return types.SimpleNamespace(sha=f"{len(uploads['commits']):040x}")
+
     def list_repo_files(self, repo_id, **kwargs):
         root = uploads["dir"]
         return sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
@@ -118,6 +121,7 @@ def intercepted_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     monkeypatch.setattr(HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(HfApi, "repo_info", repo_info)
     def create_branch(self, repo_id, branch, **kwargs):  # a new branch is a copy of main: the one folder models both
         if uploads.get("refuse_branches"):
             raise HfHubHTTPError("403 Forbidden", response=types.SimpleNamespace(status_code=403, headers={}, request=None))

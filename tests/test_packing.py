@@ -615,6 +615,8 @@ def test_a_new_push_deletes_the_weight_files_it_does_not_replace(tmp_path, inter
     surge_nlp.push_to_hub(training, "tiny-surge", max_shard_size="20KB")
     shards = sorted(f.name for f in uploaded.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1 and intercepted_hub["deleted"] == [[], [WEIGHTS]]
+    # each commit is made onto the commit that was listed (the Hub refuses it if the repository moved)
+    assert [kwargs["parent_commit"] for _, _, kwargs in intercepted_hub["commits"]] == [f"{0:040x}", f"{1:040x}"]
     assert sorted(f.name for f in uploaded.iterdir()) == sorted(["README.md", "adapter_model.safetensors", "config.json",
                                                                  "model.safetensors.index.json", "notes.txt", "sub", *shards])
     batch = fixed_batch()
