@@ -158,9 +158,10 @@ def _take_share(training: dict[str, Any], stage_training: dict[str, Any], share:
     3,750 steps), else its epochs; so a multi-step row trains as long as the one-step row on every task."""
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
         raise LadderError(f"{field}={share!r} is invalid; allowed: a fraction in (0, 1]")
-    if set(stage_training) & {"num_epochs", "max_steps"}:
+    own_schedule = sorted(set(stage_training) & {"num_epochs", "max_steps"})
+    if own_schedule:
         raise LadderError(f"{field} takes a share of the one-step schedule; the stage also sets "
-                          f"{' and '.join(sorted(set(stage_training) & {'num_epochs', 'max_steps'}))}: set one or the other")
+                          f"{' and '.join(own_schedule)}: set one or the other")
     key = "max_steps" if training.get("max_steps") is not None else "num_epochs"
     scaled = training[key] * share
     if scaled < 1 or abs(scaled - round(scaled)) > 1e-9:

@@ -115,6 +115,11 @@ def intercepted_hub(tmp_path, monkeypatch):
         root = uploads["dir"]
         return sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
 
+    def create_branch(self, repo_id, branch, **kwargs):  # a new branch is a copy of main: the one folder models both
+        if uploads.get("refuse_branches"):
+            raise HfHubHTTPError("403 Forbidden", response=types.SimpleNamespace(status_code=403, headers={}, request=None))
+        uploads.setdefault("branches", []).append((repo_id, branch, kwargs))
+
     def no_network(self, *args, **kwargs):
         raise AssertionError("push_to_hub made an unexpected Hub call")
 
@@ -122,11 +127,6 @@ def intercepted_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     monkeypatch.setattr(HfApi, "list_repo_files", list_repo_files)
     monkeypatch.setattr(HfApi, "repo_info", repo_info)
-    def create_branch(self, repo_id, branch, **kwargs):  # a new branch is a copy of main: the one folder models both
-        if uploads.get("refuse_branches"):
-            raise HfHubHTTPError("403 Forbidden", response=types.SimpleNamespace(status_code=403, headers={}, request=None))
-        uploads.setdefault("branches", []).append((repo_id, branch, kwargs))
-
     monkeypatch.setattr(HfApi, "create_branch", create_branch)
     monkeypatch.setattr(HfApi, "upload_folder", no_network)
     return uploads
